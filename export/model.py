@@ -1,0 +1,154 @@
+"""ResCLIP on an open_clip ViT in torch: trunk with attention maps, RCS, the patched last block.
+
+Each paper formula is one small function; the method only picks the base attention logits, and the
+RCS/SFR mixing is :func:`blend` written once. Nothing branches on tensor values, so the same code
+traces to ONNX. Device and dtype follow the inputs; there is no ``.cuda()``.
+
+Shapes: B crops, T = N + 1 tokens (CLS first), D width, H heads of 64, E embedding size,
+Q text queries, (gh, gw) patch grid.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+HEAD_DIM = 64
+
+
+def blend(a: torch.Tensor, b: torch.Tensor, tau: float, lam: float) -> torch.Tensor:
+    """τ·((1−λ)·a + λ·b): RCS (on probabilities) and SFR (on logits) mixing."""
+    return tau * ((1 - lam) * a + lam * b)
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    b, t, d = x.shape
+    return x.reshape(b, t, heads, d // heads).transpose(1, 2)   # (B, H, T, d/H)
+
+
+def qkv(attn: nn.MultiheadAttention, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """ln_1 output (B, T, D) -> q, k, v each (B, H, T, 64), biases included."""
+    q, k, v = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    return tuple(split_heads(t, attn.num_heads) for t in (q, k, v))
+
+
+def attention_output(attn: nn.MultiheadAttention, p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """(B, H, T, T) weights, (B, H, T, 64) values -> out_proj of the concatenated heads (B, T, D)."""
+    y = (p @ v).transpose(1, 2)                                 # (B, T, H, 64)
+    return attn.out_proj(y.reshape(y.shape[0], y.shape[1], -1))
+
+
+def base_logits(method: str, q: torch.Tensor, k: torch.Tensor) -> list[torch.Tensor]:
+    """Last-block attention logits by method (SPEC §4); sclip has two matrices."""
+    scale = HEAD_DIM ** -0.5
+    if method == "naclip":
+        return [k @ k.transpose(-1, -2) * scale]
+    if method == "clearclip":
+        return [q @ q.transpose(-1, -2) * scale]
+    if method == "clip":
+        return [(q * scale) @ k.transpose(-1, -2)]
+    if method == "sclip":
+        return [q @ q.transpose(-1, -2) * scale, k @ k.transpose(-1, -2) * scale]
+    raise ValueError(f"unknown method {method!r}")
+
+
+def naclip_window(gh: int, gw: int, std: float, like: torch.Tensor) -> torch.Tensor:
+    """Ω (T, T): exp(−((r_p−r_q)² + (c_p−c_q)²) / (2σ²)) over grid cells, zero CLS row/column.
+
+    Built from aranges (no index arithmetic on a symbolic width) so it traces with dynamic grids.
+    """
+    rows = torch.arange(gh, device=like.device, dtype=like.dtype)
+    cols = torch.arange(gw, device=like.device, dtype=like.dtype)
+    r = rows[:, None].expand(gh, gw).reshape(-1)
+    c = cols[None, :].expand(gh, gw).reshape(-1)
+    dist2 = (r[:, None] - r[None, :]) ** 2 + (c[:, None] - c[None, :]) ** 2
+    omega = torch.exp(-dist2 / (2 * std ** 2))
+    return F.pad(omega, (1, 0, 1, 0))
+
+
+def resize_pos_embed(pos: torch.Tensor, grid: int, gh: int, gw: int) -> torch.Tensor:
+    """(1 + g², D) table -> (1 + gh·gw, D): bicubic with scale ((gh+0.1)/g, (gw+0.1)/g) (SPEC §3).
+
+    The scale factor is used as given (recompute_scale_factor=False), as the reference does; a
+    size=(gh, gw) resize differs by ~1e-2.
+    """
+    cls_pos, patch_pos = pos[:1], pos[1:]
+    d = pos.shape[-1]
+    table = patch_pos.reshape(1, grid, grid, d).permute(0, 3, 1, 2)
+    table = F.interpolate(table, scale_factor=((gh + 0.1) / grid, (gw + 0.1) / grid),
+                          mode="bicubic", align_corners=False, recompute_scale_factor=False)
+    return torch.cat([cls_pos, table.permute(0, 2, 3, 1).reshape(gh * gw, d)], dim=0)
+
+
+def embed(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, h, w) normalised crops -> ln_pre tokens (B, 1 + gh·gw, D)."""
+    patch = visual.conv1.kernel_size[0]
+    gh, gw = x.shape[-2] // patch, x.shape[-1] // patch
+    grid = visual.grid_size[0]
+    t = visual.conv1(x).flatten(2).transpose(1, 2)              # (B, N, D)
+    cls = visual.class_embedding.to(t.dtype).expand(t.shape[0], 1, -1)
+    t = torch.cat([cls, t], dim=1)
+    pos = visual.positional_embedding.to(t.dtype)
+    if (gh, gw) != (grid, grid):
+        pos = resize_pos_embed(pos, grid, gh, gw)
+    return visual.ln_pre(t + pos)
+
+
+def trunk(visual: nn.Module, x: torch.Tensor,
+          rcs_blocks: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Blocks 0..L−2 as standard pre-LN blocks.
+
+    Returns the tokens entering the last block (B, T, D) and the RCS map R (B, H, T, T): the
+    element-wise mean of the softmaxed attention maps of ``rcs_blocks`` (None when empty).
+    """
+    kept = []
+    for i, blk in enumerate(visual.transformer.resblocks[:-1]):
+        q, k, v = qkv(blk.attn, blk.ln_1(x))
+        p = torch.softmax((q * HEAD_DIM ** -0.5) @ k.transpose(-1, -2), dim=-1)
+        x = x + blk.ls_1(attention_output(blk.attn, p, v))
+        x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+        if i in rcs_blocks:
+            kept.append(p)
+    rcs = torch.stack(kept).mean(dim=0) if kept else None
+    return x, rcs
+
+
+def last_block_attention(method: str, q: torch.Tensor, k: torch.Tensor, gh: int, gw: int,
+                         gaussian_std: float, sfr: torch.Tensor | None, sfr_tau: float,
+                         sfr_lambda: float, rcs: torch.Tensor | None, rcs_tau: float,
+                         rcs_lambda: float) -> torch.Tensor:
+    """Attention weights of the patched last block (B, H, T, T), SPEC §4 steps 1–4.
+
+    sfr: (B, T, T) fp16-rounded S/max S, or None; rcs: (B, H, T, T) RCS map, or None.
+    """
+    logits = base_logits(method, q, k)
+    if sfr is not None:
+        logits = [blend(a, sfr[:, None], sfr_tau, sfr_lambda) for a in logits]
+    if method == "naclip":
+        logits = [a + naclip_window(gh, gw, gaussian_std, a) for a in logits]
+    p = sum(torch.softmax(a, dim=-1) for a in logits)
+    if rcs is not None:
+        p = blend(p, rcs, rcs_tau, rcs_lambda)
+    return p
+
+
+def last_block(visual: nn.Module, x: torch.Tensor, p_fn, residual: bool) -> torch.Tensor:
+    """Last block with attention weights from ``p_fn(q, k)`` -> projected tokens (B, T, E).
+
+    Without residual (naclip, clearclip) the block output is the attention output alone.
+    """
+    blk = visual.transformer.resblocks[-1]
+    q, k, v = qkv(blk.attn, blk.ln_1(x))
+    y = blk.ls_1(attention_output(blk.attn, p_fn(q, k), v))
+    if residual:
+        y = x + y
+        y = y + blk.ls_2(blk.mlp(blk.ln_2(y)))
+    return visual.ln_post(y) @ visual.proj
+
+
+def patch_logits(tokens: torch.Tensor, text: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
+    """(B, T, E) projected tokens, (Q, E) unit text features -> (B, Q, gh, gw) cosine logits."""
+    feats = F.normalize(tokens[:, 1:], dim=-1)
+    logits = feats @ text.t()                                   # (B, N, Q)
+    return logits.transpose(1, 2).reshape(logits.shape[0], -1, gh, gw)

@@ -1,0 +1,101 @@
+"""Image geometry shared by the torch reference and the ONNX runtime: resize, windows, merge.
+
+numpy + OpenCV only (no torch). Arrays are channel-first float32 unless stated.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from .errors import UserError
+
+# CLIP normalisation in 0..255 units (SPEC §2).
+PIXEL_MEAN = np.array([122.771, 116.746, 104.094], dtype=np.float32)
+PIXEL_STD = np.array([68.501, 66.632, 70.323], dtype=np.float32)
+
+# cv2.resize takes at most 128 channels per call in OpenCV 5 (512 in 4.x).
+_CV_MAX_CHANNELS = 128
+
+
+def keep_ratio_size(h: int, w: int, short_side: int, long_side_max: int) -> tuple[int, int]:
+    """Network input size (H, W): f = min(long_max/long, short/short), int(x·f + 0.5) (mmcv)."""
+    f = min(long_side_max / max(h, w), short_side / min(h, w))
+    return int(h * f + 0.5), int(w * f + 0.5)
+
+
+def preprocess(rgb: np.ndarray, short_side: int, long_side_max: int) -> np.ndarray:
+    """RGB uint8 (H0, W0, 3) -> normalised network input (3, H, W) float32.
+
+    Resized keeping aspect with bilinear interpolation on the uint8 image, as the reference does.
+    """
+    h, w = keep_ratio_size(rgb.shape[0], rgb.shape[1], short_side, long_side_max)
+    resized = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_LINEAR)
+    x = (resized.astype(np.float32) - PIXEL_MEAN) / PIXEL_STD
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def window_boxes(h: int, w: int, mode: str, crop: int, stride: int) -> np.ndarray:
+    """(K, 4) int boxes (y1, y2, x1, x2) in visiting order (row-major).
+
+    Slide: n = max(size - crop + stride - 1, 0) // stride + 1 per axis; the last window is pushed
+    back inside the image. Windows are min(crop, size) wide, so all have one shape. Whole: one box.
+    """
+    if mode == "whole":
+        return np.array([[0, h, 0, w]], dtype=np.int64)
+    ys = _axis_windows(h, crop, stride)
+    xs = _axis_windows(w, crop, stride)
+    return np.array([(y1, y2, x1, x2) for y1, y2 in ys for x1, x2 in xs], dtype=np.int64)
+
+
+def _axis_windows(size: int, crop: int, stride: int) -> list[tuple[int, int]]:
+    n = max(size - crop + stride - 1, 0) // stride + 1
+    out = []
+    for i in range(n):
+        end = min(i * stride + crop, size)
+        out.append((max(end - crop, 0), end))
+    return out
+
+
+def crop_batch(x: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """(3, H, W) input, (K, 4) boxes -> (K, 3, h, w) crops (all boxes have one size)."""
+    return np.stack([x[:, y1:y2, x1:x2] for y1, y2, x1, x2 in boxes])
+
+
+def resize_bilinear(x: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
+    """(C, h, w) float32 -> (C, H, W) bilinear, half-pixel centres (torch align_corners=False).
+
+    Runs through OpenCV in channel-last layout, at most 128 channels per call.
+    """
+    c = x.shape[0]
+    out_h, out_w = out_hw
+    if x.shape[1:] == (out_h, out_w):
+        return x.astype(np.float32, copy=True)
+    out = np.empty((c, out_h, out_w), dtype=np.float32)
+    for c0 in range(0, c, _CV_MAX_CHANNELS):
+        part = np.ascontiguousarray(x[c0:c0 + _CV_MAX_CHANNELS].transpose(1, 2, 0), np.float32)
+        r = cv2.resize(part, (out_w, out_h), interpolation=cv2.INTER_LINEAR)
+        out[c0:c0 + part.shape[2]] = r.reshape(out_h, out_w, -1).transpose(2, 0, 1)
+    return out
+
+
+def merge_windows(window_logits: np.ndarray, boxes: np.ndarray,
+                  out_hw: tuple[int, int]) -> np.ndarray:
+    """(K, Q, h, w) per-window logits at window size -> (Q, H, W) per-pixel mean over windows."""
+    k, q = window_logits.shape[:2]
+    canvas = np.zeros((q, *out_hw), dtype=np.float32)
+    count = np.zeros(out_hw, dtype=np.float32)
+    for logits, (y1, y2, x1, x2) in zip(window_logits, boxes):
+        canvas[:, y1:y2, x1:x2] += logits
+        count[y1:y2, x1:x2] += 1
+    assert count.min() > 0, "windows must cover the image"
+    canvas /= count
+    return canvas
+
+
+def check_input_size(hw: tuple[int, int], patch: int) -> None:
+    """The network input must hold at least one patch per side."""
+    if min(hw) < patch:
+        raise UserError(f"the image is {hw[0]}x{hw[1]} pixels after the keep-ratio resize, "
+                        f"thinner than one {patch}x{patch} patch; crop it to a less extreme "
+                        "aspect ratio or raise the short side")

@@ -1,0 +1,1 @@
+"""The torch-free side: ONNX Runtime sessions and the bundle segmenter (never imports torch)."""
