@@ -7,11 +7,14 @@ builds the architecture from an OpenAI-format state dict (QuickGELU, as OpenAI t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import pickle
+import socket
 import zipfile
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import open_clip
 import torch
@@ -64,17 +67,59 @@ def _load_tag(model_name: str, tag: str) -> LoadedCLIP:
     if tag not in tags:
         raise UserError(f"no pretrained tag {tag!r} for {model_name}; known tags: "
                         f"{', '.join(tags) or 'none'}; or pass a checkpoint file")
+    _check_activation(model_name, tag)
     try:
-        model = open_clip.create_model(model_name, pretrained=tag, weights_only=True)
+        with _cache_only_when_hub_unreachable():
+            model = open_clip.create_model(model_name, pretrained=tag, weights_only=True)
     except Exception as e:  # the hub raises many types; all mean "could not get the weights"
+        reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
         raise UserError(
-            f"cannot get pretrained weights {model_name} / {tag} ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}). If this machine is offline, download "
-            f"the checkpoint elsewhere and pass it with --pretrained /path/to/file "
+            f"cannot get pretrained weights {model_name} / {tag} ({reason}). Offline? Download "
+            f"the checkpoint on a connected machine and pass the file: --pretrained PATH "
             f"(with --model {model_name}, or --model auto for OpenAI-format files)") from None
     model = _prepare(model, f"{model_name}/{tag}")
     return LoadedCLIP(model, open_clip.get_tokenizer(model_name),
                       {"model": model_name, "pretrained": tag})
+
+
+@contextlib.contextmanager
+def _cache_only_when_hub_unreachable() -> Iterator[None]:
+    """Offline, the hub client retries for ~50 s before failing; when huggingface.co cannot be
+    reached directly (and no proxy/endpoint is configured), look in the local cache only."""
+    proxied = any(os.environ.get(v) for v in
+                  ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_ENDPOINT"))
+    if proxied or _reachable("huggingface.co", 443):
+        yield
+        return
+    import huggingface_hub.constants as hub_constants
+    saved = hub_constants.HF_HUB_OFFLINE
+    hub_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hub_constants.HF_HUB_OFFLINE = saved
+
+
+def _reachable(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
+def _check_activation(model_name: str, tag: str) -> None:
+    """open_clip only warns when a tag's activation differs from the config's (GELU vs QuickGELU,
+    features off by ~2e-2); refuse instead, naming the config that fits."""
+    tag_quick = bool(open_clip.get_pretrained_cfg(model_name, tag).get("quick_gelu", False))
+    model_quick = bool((open_clip.get_model_config(model_name) or {}).get("quick_gelu", False))
+    if tag_quick == model_quick:
+        return
+    base = model_name.removesuffix("-quickgelu")
+    fitting = base + "-quickgelu" if tag_quick else base
+    raise UserError(f"{model_name} / {tag}: the weights were trained with "
+                    f"{'QuickGELU' if tag_quick else 'GELU'} but {model_name} builds "
+                    f"{'GELU' if tag_quick else 'QuickGELU'}; use --model {fitting}")
 
 
 def _load_file(model_name: str, path: str) -> LoadedCLIP:
@@ -101,13 +146,18 @@ def _load_file(model_name: str, path: str) -> LoadedCLIP:
 def _load_into(model: torch.nn.Module, state_dict: dict, path: str, model_name: str) -> None:
     state_dict = {k: v for k, v in state_dict.items()
                   if k not in ("input_resolution", "context_length", "vocab_size")}
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as e:
-        first = str(e).splitlines()[0:3]
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    mismatched = [k for k in own if k in state_dict and own[k].shape != state_dict[k].shape]
+    problems = [f"{len(keys)} {what} (e.g. {keys[0]})" for what, keys in
+                (("missing keys", missing), ("unexpected keys", unexpected),
+                 ("shape mismatches", mismatched)) if keys]
+    if problems:
         raise UserError(f"checkpoint {path} does not fit open_clip model {model_name}: "
-                        f"{' '.join(s.strip() for s in first)}; pick the matching --model "
-                        "(or --model auto for OpenAI-format files)") from None
+                        f"{'; '.join(problems)}; pick the matching --model (or --model auto for "
+                        "OpenAI-format files)")
+    model.load_state_dict(state_dict, strict=True)
 
 
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
@@ -120,10 +170,14 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
             obj = torch.jit.load(path, map_location="cpu").state_dict()
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
+    except pickle.UnpicklingError:
+        raise UserError(f"checkpoint {path} is not a weights file, or holds pickled Python "
+                        "objects besides tensors, which are refused for safety "
+                        "(torch.load weights_only=True); save a plain state dict") from None
+    except Exception as e:  # torch/safetensors raise many types for a file that is not theirs
         raise UserError(f"checkpoint {path} cannot be read as a PyTorch, TorchScript or "
                         f"safetensors weights file ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
+                        f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

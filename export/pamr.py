@@ -43,8 +43,9 @@ def pamr(mask: torch.Tensor, image: torch.Tensor, iterations: int,
     """Refine (B, Q, H, W) ``mask`` guided by ``image``: m ← Σ_k a_k · m(neighbour k)."""
     aff = pamr_affinity(image, dilations)
     for _ in range(iterations):
-        out = torch.zeros_like(mask)
-        for k, nb in enumerate(neighbours(mask, dilations, centre=False)):
-            out = out + aff[:, k:k + 1] * nb
+        nbs = neighbours(mask, dilations, centre=False)
+        out = nbs[0] * aff[:, :1]
+        for k in range(1, len(nbs)):
+            out.addcmul_(nbs[k], aff[:, k:k + 1])   # in place: no (Q, H, W) temporaries
         mask = out
     return mask

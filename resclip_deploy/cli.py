@@ -81,12 +81,32 @@ def user_errors(f: Callable) -> Callable:
     return wrapper
 
 
+def run_command(command: click.Command) -> None:
+    """Console-script entry: click's usage errors also become one 'error:' line and exit 2."""
+    try:
+        rv = command.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("error: interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        click.echo(f"error: {e.format_message()} (see {command.name} --help)", err=True)
+        sys.exit(EXIT_BAD_INPUT)
+    sys.exit(rv if isinstance(rv, int) else 0)
+
+
 def _setup_logging(quiet: bool) -> None:
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
-                        format="%(message)s", stream=sys.stderr)
+    """Our messages on stderr. Libraries' log records (open_clip's own download errors, which we
+    report in our words) are dropped: a root handler stops logging.error() from installing one."""
+    logging.getLogger().addHandler(logging.NullHandler())
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command("resclip-segment", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("-o", "--output", "outdir", required=True, type=click.Path(file_okay=False),
               help="Output folder: <stem>.png label maps (and <stem>.npz with --save-probs).")
@@ -125,9 +145,14 @@ def segment_main(inputs: tuple[str, ...], outdir: str, reference: bool, model_na
         log.info("%s -> %s (%dx%d, %.2f s)", path, ", ".join(written), seg.labels.shape[1],
                  seg.labels.shape[0], time.perf_counter() - start)
     if failed:
-        click.echo(f"error: {len(failed)} of {len(files)} inputs failed: {', '.join(failed)}",
-                   err=True)
+        if len(files) > 1:
+            click.echo(f"error: {len(failed)} of {len(files)} inputs failed: "
+                       f"{', '.join(failed)}", err=True)
         sys.exit(EXIT_SOME_FAILED)
+
+
+def segment_entry() -> None:
+    run_command(segment_main)
 
 
 def _reference_segmenter(model_name: str, pretrained: str, vocab: Vocabulary,

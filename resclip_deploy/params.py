@@ -66,7 +66,7 @@ class ResCLIPParams:
         _check_choice("connectivity", self.connectivity, CONNECTIVITIES)
         _check_choice("mode", self.mode, MODES)
         for name in ("rcs_tau", "sfr_tau", "gaussian_std", "logit_scale"):
-            _check_range(name, getattr(self, name), 0.0, math.inf, low_open=True)
+            _check_range(name, getattr(self, name), 0.0, 1e6, low_open=True)
         for name in ("rcs_lambda", "sfr_lambda", "temp_thd", "prob_thd"):
             _check_range(name, getattr(self, name), 0.0, 1.0)
         for name in ("crop", "stride", "short_side", "long_side_max"):
@@ -78,6 +78,9 @@ class ResCLIPParams:
                 f"stride={self.stride} is larger than crop={self.crop}: pixels between windows "
                 "would get no prediction; use a stride <= crop")
         if self.rcs_layers is not None:
+            if not isinstance(self.rcs_layers, (list, tuple)):
+                raise UserError(f"rcs_layers={self.rcs_layers!r}: must be a list of 0-based "
+                                "block indices")
             layers = tuple(self.rcs_layers)
             if not layers or any(isinstance(i, bool) or not isinstance(i, int) or i < 0
                                  for i in layers) or len(set(layers)) != len(layers):
@@ -90,7 +93,11 @@ class ResCLIPParams:
         return self.method in RESIDUAL_METHODS
 
     def replace(self, **changes: Any) -> "ResCLIPParams":
-        """A copy with ``changes`` applied (validated again); None values are ignored."""
+        """A copy with ``changes`` applied (validated again).
+
+        None values are ignored, so unset command-line options leave the preset's value; use
+        ``dataclasses.replace`` to set a field to None.
+        """
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
         if unknown:
             raise UserError(f"unknown setting(s) {sorted(unknown)}")
@@ -107,7 +114,7 @@ class ResCLIPParams:
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise UserError(f"unknown setting(s) {sorted(unknown)} in parameter dictionary")
-        if d.get("rcs_layers") is not None:
+        if isinstance(d.get("rcs_layers"), list):
             d["rcs_layers"] = tuple(d["rcs_layers"])
         return cls(**d)
 

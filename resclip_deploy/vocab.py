@@ -86,7 +86,8 @@ def parse_class_list(spec: str) -> Vocabulary:
 
 def load_class_file(path: str) -> Vocabulary:
     try:
-        with open(path, encoding="utf-8", newline="") as f:
+        # Universal newlines, as the reference's readlines(): '\r\n' files lose the '\r' too.
+        with open(path, encoding="utf-8") as f:
             text = f.read()
     except FileNotFoundError:
         raise UserError(f"class file {path} does not exist") from None
