@@ -14,6 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from resclip_deploy.params import PAMR_DILATIONS, PAMR_ITERATIONS, ResCLIPParams, rcs_blocks
+
+from .pamr import pamr
+
 HEAD_DIM = 64
 
 
@@ -114,19 +118,20 @@ def trunk(visual: nn.Module, x: torch.Tensor,
     return x, rcs
 
 
-def last_block_attention(method: str, q: torch.Tensor, k: torch.Tensor, gh: int, gw: int,
-                         gaussian_std: float, sfr: torch.Tensor | None, sfr_tau: float,
+def last_block_attention(method: str, q: torch.Tensor, k: torch.Tensor,
+                         window: torch.Tensor | None, sfr: torch.Tensor | None, sfr_tau: float,
                          sfr_lambda: float, rcs: torch.Tensor | None, rcs_tau: float,
                          rcs_lambda: float) -> torch.Tensor:
     """Attention weights of the patched last block (B, H, T, T), SPEC §4 steps 1–4.
 
-    sfr: (B, T, T) fp16-rounded S/max S, or None; rcs: (B, H, T, T) RCS map, or None.
+    window: (T, T) naclip Ω (None for other methods); sfr: (B, T, T) fp16-rounded S/max S, or
+    None; rcs: (B, H, T, T) RCS map, or None.
     """
     logits = base_logits(method, q, k)
     if sfr is not None:
         logits = [blend(a, sfr[:, None], sfr_tau, sfr_lambda) for a in logits]
-    if method == "naclip":
-        logits = [a + naclip_window(gh, gw, gaussian_std, a) for a in logits]
+    if window is not None:
+        logits = [a + window for a in logits]
     p = sum(torch.softmax(a, dim=-1) for a in logits)
     if rcs is not None:
         p = blend(p, rcs, rcs_tau, rcs_lambda)
@@ -147,8 +152,52 @@ def last_block(visual: nn.Module, x: torch.Tensor, p_fn, residual: bool) -> torc
     return visual.ln_post(y) @ visual.proj
 
 
-def patch_logits(tokens: torch.Tensor, text: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
-    """(B, T, E) projected tokens, (Q, E) unit text features -> (B, Q, gh, gw) cosine logits."""
-    feats = F.normalize(tokens[:, 1:], dim=-1)
-    logits = feats @ text.t()                                   # (B, N, Q)
-    return logits.transpose(1, 2).reshape(logits.shape[0], -1, gh, gw)
+def cosine_logits(tokens: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """(B, T, E) projected tokens, (Q, E) unit text features -> (B, Q, N) patch cosine logits."""
+    return (F.normalize(tokens[:, 1:], dim=-1) @ text.t()).transpose(1, 2)
+
+
+class ResCLIPVisual(nn.Module):
+    """ResCLIP's visual side as named steps; the torch reference and the ONNX graphs call these.
+
+    encode: trunk + RCS map; window: naclip Ω; head: patched last block -> cosine logits;
+    prepass: SFR pre-pass (last block without S -> logits -> PAMR -> softmax) -> per-pixel
+    argmax query and its probability.
+    """
+
+    def __init__(self, visual: nn.Module, params: ResCLIPParams):
+        super().__init__()
+        self.visual, self.params = visual, params
+        self.patch = int(visual.conv1.kernel_size[0])
+        depth = len(visual.transformer.resblocks)
+        self.rcs_blocks = rcs_blocks(params.rcs_layers, depth) if params.rcs else ()
+
+    def encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return trunk(self.visual, embed(self.visual, pixels), self.rcs_blocks)
+
+    def window(self, pixels: torch.Tensor) -> torch.Tensor | None:
+        if self.params.method != "naclip":
+            return None
+        gh, gw = pixels.shape[-2] // self.patch, pixels.shape[-1] // self.patch
+        return naclip_window(gh, gw, self.params.gaussian_std, pixels)
+
+    def head(self, tokens: torch.Tensor, rcs: torch.Tensor | None, window: torch.Tensor | None,
+             sfr: torch.Tensor | None, text: torch.Tensor) -> torch.Tensor:
+        """-> (B, Q, N) cosine logits of the patch tokens."""
+        p = self.params
+        attention = lambda q, k: last_block_attention(  # noqa: E731
+            p.method, q, k, window, sfr, p.sfr_tau, p.sfr_lambda, rcs, p.rcs_tau, p.rcs_lambda)
+        out = last_block(self.visual, tokens, attention, p.residual_last_block)
+        return cosine_logits(out, text)
+
+    def prepass(self, pixels: torch.Tensor, tokens: torch.Tensor, rcs: torch.Tensor | None,
+                window: torch.Tensor | None,
+                text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (B, h, w) argmax query (int64) and its softmax probability (SPEC §5)."""
+        gh, gw = pixels.shape[-2] // self.patch, pixels.shape[-1] // self.patch
+        logits = self.head(tokens, rcs, window, None, text)
+        logits = logits.reshape(logits.shape[0], logits.shape[1], gh, gw)
+        up = F.interpolate(logits, size=pixels.shape[-2:], mode="bilinear", align_corners=False)
+        refined = pamr(up, pixels, PAMR_ITERATIONS, PAMR_DILATIONS)
+        maxprob, argmax = torch.softmax(refined * self.params.logit_scale, dim=1).max(dim=1)
+        return argmax, maxprob
