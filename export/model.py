@@ -14,9 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from resclip_deploy.params import PAMR_DILATIONS, PAMR_ITERATIONS, ResCLIPParams, rcs_blocks
-
-from .pamr import pamr
+from resclip_deploy.params import ResCLIPParams, rcs_blocks
 
 HEAD_DIM = 64
 
@@ -71,18 +69,56 @@ def naclip_window(gh: int, gw: int, std: float, like: torch.Tensor) -> torch.Ten
     return F.pad(omega, (1, 0, 1, 0))
 
 
-def resize_pos_embed(pos: torch.Tensor, grid: int, gh: int, gw: int) -> torch.Tensor:
-    """(1 + g², D) table -> (1 + gh·gw, D): bicubic with scale ((gh+0.1)/g, (gw+0.1)/g) (SPEC §3).
+def _cubic_taps(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Cubic convolution weights (A = -0.75, torch's bicubic) of taps -1, 0, 1, 2 at offset t."""
+    a = -0.75
 
-    The scale factor is used as given (recompute_scale_factor=False), as the reference does; a
-    size=(gh, gw) resize differs by ~1e-2.
+    def near(x: torch.Tensor) -> torch.Tensor:
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+
+    def far(x: torch.Tensor) -> torch.Tensor:
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+    return far(t + 1), near(t), near(1 - t), far(2 - t)
+
+
+def bicubic_matrix(n_out: int, n_in: int, scale: torch.Tensor) -> torch.Tensor:
+    """(n_out, n_in) float64 matrix of a 1-D bicubic resize, align_corners=False, by ``scale``.
+
+    src = (i + 0.5) / scale − 0.5 (not clamped), taps clamped to the border, as torch's bicubic
+    with a given scale factor; scale 1 gives the identity exactly.
     """
-    cls_pos, patch_pos = pos[:1], pos[1:]
-    d = pos.shape[-1]
-    table = patch_pos.reshape(1, grid, grid, d).permute(0, 3, 1, 2)
-    table = F.interpolate(table, scale_factor=((gh + 0.1) / grid, (gw + 0.1) / grid),
-                          mode="bicubic", align_corners=False, recompute_scale_factor=False)
-    return torch.cat([cls_pos, table.permute(0, 2, 3, 1).reshape(gh * gw, d)], dim=0)
+    i = torch.arange(n_out, dtype=torch.float64)
+    src = (i + 0.5) / scale - 0.5
+    x0 = torch.floor(src)
+    cols = torch.arange(n_in, dtype=torch.float64)
+    out = torch.zeros(n_out, n_in, dtype=torch.float64)
+    for m, w in zip((-1, 0, 1, 2), _cubic_taps(src - x0)):
+        idx = torch.clamp(x0 + m, 0, n_in - 1)
+        out = out + w[:, None] * (idx[:, None] == cols[None, :]).to(torch.float64)
+    return out
+
+
+def _size_tensor(n: int) -> torch.Tensor:
+    # A possibly symbolic size as a float64 tensor, without a Python branch on its value.
+    return torch.arange(n, dtype=torch.float64).max() + 1
+
+
+def resize_pos_embed(pos: torch.Tensor, grid: int, gh: int, gw: int) -> torch.Tensor:
+    """(1 + g², D) table -> (1 + gh·gw, D) for a gh x gw patch grid (SPEC §3).
+
+    The checkpoint grid keeps its table; any other grid is resized bicubically with scale
+    ((gh+0.1)/g, (gw+0.1)/g), the reference's factor used as given (a size=(gh, gw) resize
+    differs by ~1e-2). Written as two small matrix products so that it traces with symbolic
+    sizes and no branch: the scale becomes exactly 1 on the checkpoint grid.
+    """
+    h, w = _size_tensor(gh), _size_tensor(gw)
+    keep = ((h == grid) & (w == grid)).to(torch.float64)
+    rows = bicubic_matrix(gh, grid, keep + (1 - keep) * (h + 0.1) / grid).to(pos.dtype)
+    cols = bicubic_matrix(gw, grid, keep + (1 - keep) * (w + 0.1) / grid).to(pos.dtype)
+    table = pos[1:].reshape(grid, grid, -1)
+    table = torch.einsum("ih,hwd,jw->ijd", rows, table, cols)            # (gh, gw, D)
+    return torch.cat([pos[:1], table.reshape(gh * gw, -1)], dim=0)
 
 
 def embed(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -93,9 +129,7 @@ def embed(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
     t = visual.conv1(x).flatten(2).transpose(1, 2)              # (B, N, D)
     cls = visual.class_embedding.to(t.dtype).expand(t.shape[0], 1, -1)
     t = torch.cat([cls, t], dim=1)
-    pos = visual.positional_embedding.to(t.dtype)
-    if (gh, gw) != (grid, grid):
-        pos = resize_pos_embed(pos, grid, gh, gw)
+    pos = resize_pos_embed(visual.positional_embedding.to(t.dtype), grid, gh, gw)
     return visual.ln_pre(t + pos)
 
 
@@ -160,9 +194,8 @@ def cosine_logits(tokens: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
 class ResCLIPVisual(nn.Module):
     """ResCLIP's visual side as named steps; the torch reference and the ONNX graphs call these.
 
-    encode: trunk + RCS map; window: naclip Ω; head: patched last block -> cosine logits;
-    prepass: SFR pre-pass (last block without S -> logits -> PAMR -> softmax) -> per-pixel
-    argmax query and its probability.
+    encode: trunk + RCS map; window: naclip Ω; head: patched last block -> cosine logits (the
+    SFR pre-pass is the head without S; its PAMR and labels run on CPU, resclip_deploy.pipeline).
     """
 
     def __init__(self, visual: nn.Module, params: ResCLIPParams):
@@ -189,15 +222,3 @@ class ResCLIPVisual(nn.Module):
             p.method, q, k, window, sfr, p.sfr_tau, p.sfr_lambda, rcs, p.rcs_tau, p.rcs_lambda)
         out = last_block(self.visual, tokens, attention, p.residual_last_block)
         return cosine_logits(out, text)
-
-    def prepass(self, pixels: torch.Tensor, tokens: torch.Tensor, rcs: torch.Tensor | None,
-                window: torch.Tensor | None,
-                text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (B, h, w) argmax query (int64) and its softmax probability (SPEC §5)."""
-        gh, gw = pixels.shape[-2] // self.patch, pixels.shape[-1] // self.patch
-        logits = self.head(tokens, rcs, window, None, text)
-        logits = logits.reshape(logits.shape[0], logits.shape[1], gh, gw)
-        up = F.interpolate(logits, size=pixels.shape[-2:], mode="bilinear", align_corners=False)
-        refined = pamr(up, pixels, PAMR_ITERATIONS, PAMR_DILATIONS)
-        maxprob, argmax = torch.softmax(refined * self.params.logit_scale, dim=1).max(dim=1)
-        return argmax, maxprob

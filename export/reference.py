@@ -78,15 +78,10 @@ class ReferenceSegmenter:
         out = WindowOutputs(logits=np.empty(0), rcs=self._numpy(rcs))
         sfr_bias = None
         if self.params.sfr:
-            # One window at a time: PAMR holds (Q, h, w) tensors per window.
-            pre = [self.net.prepass(x[i:i + 1], tokens[i:i + 1],
-                                    None if rcs is None else rcs[i:i + 1], window, self.text)
-                   for i in range(x.shape[0])]
-            argmax = np.concatenate([a.cpu().numpy() for a, _ in pre])
-            maxprob = np.concatenate([self._numpy(m) for _, m in pre])
-            step = sfr_step(argmax, maxprob, self.params, self.patch, len(self.vocab.queries))
+            pre_logits = self._numpy(self.net.head(tokens, rcs, window, None, self.text))
+            step = sfr_step(pre_logits, windows, self.params, self.patch)
             sfr_bias = torch.from_numpy(step.bias).to(self.device, self.dtype)
-            out.prepass_argmax, out.prepass_maxprob = argmax, maxprob
+            out.prepass_argmax, out.prepass_maxprob = step.prepass_argmax, step.prepass_maxprob
             out.patch_labels, out.sfr_matrix = step.grids, step.matrices
         logits = self.net.head(tokens, rcs, window, sfr_bias, self.text)
         out.logits = self._numpy(logits).reshape(x.shape[0], -1, gh, gw)

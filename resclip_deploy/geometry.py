@@ -62,21 +62,26 @@ def crop_batch(x: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     return np.stack([x[:, y1:y2, x1:x2] for y1, y2, x1, x2 in boxes])
 
 
-def resize_bilinear(x: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
-    """(C, h, w) float32 -> (C, H, W) bilinear, half-pixel centres (torch align_corners=False).
+def resize_bilinear_hwc(x: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
+    """(h, w, C) float32 -> (H, W, C) bilinear, half-pixel centres (torch align_corners=False).
 
-    Runs through OpenCV in channel-last layout, at most 128 channels per call.
+    OpenCV, at most 128 channels per call.
     """
-    c = x.shape[0]
     out_h, out_w = out_hw
-    if x.shape[1:] == (out_h, out_w):
-        return x.astype(np.float32, copy=True)
-    out = np.empty((c, out_h, out_w), dtype=np.float32)
+    c = x.shape[2]
+    out = np.empty((out_h, out_w, c), dtype=np.float32)
     for c0 in range(0, c, _CV_MAX_CHANNELS):
-        part = np.ascontiguousarray(x[c0:c0 + _CV_MAX_CHANNELS].transpose(1, 2, 0), np.float32)
+        part = np.ascontiguousarray(x[:, :, c0:c0 + _CV_MAX_CHANNELS], dtype=np.float32)
         r = cv2.resize(part, (out_w, out_h), interpolation=cv2.INTER_LINEAR)
-        out[c0:c0 + part.shape[2]] = r.reshape(out_h, out_w, -1).transpose(2, 0, 1)
+        out[:, :, c0:c0 + part.shape[2]] = r.reshape(out_h, out_w, -1)
     return out
+
+
+def resize_bilinear(x: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
+    """(C, h, w) float32 -> (C, H, W), as :func:`resize_bilinear_hwc`."""
+    if x.shape[1:] == tuple(out_hw):
+        return x.astype(np.float32, copy=True)
+    return np.ascontiguousarray(resize_bilinear_hwc(x.transpose(1, 2, 0), out_hw).transpose(2, 0, 1))
 
 
 def merge_windows(window_logits: np.ndarray, boxes: np.ndarray,

@@ -6,34 +6,70 @@ windows, the SFR step between the two network halves, upsampling, merging and th
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
 from . import geometry, sfr
-from .params import ResCLIPParams
+from .pamr import affinity_matrix, pamr
+from .params import PAMR_DILATIONS, PAMR_ITERATIONS, ResCLIPParams
 from .postprocess import Segmentation, finalize
 from .vocab import Vocabulary
 
 
+def prepass_probs(logits: np.ndarray, image: np.ndarray,
+                  logit_scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """SFR pre-pass of one window (SPEC §5): (Q, gh, gw) logits, (3, h, w) normalised window ->
+    (h, w) int64 argmax query and (h, w) float32 its probability.
+
+    Bilinear to the window size, PAMR guided by the window, softmax(logit_scale·x) over queries.
+    """
+    q = logits.shape[0]
+    h, w = image.shape[1:]
+    up = geometry.resize_bilinear_hwc(logits.transpose(1, 2, 0), (h, w)).reshape(h * w, q)
+    refined = pamr(up, affinity_matrix(image, PAMR_DILATIONS), PAMR_ITERATIONS)
+    z = refined * np.float32(logit_scale)
+    z -= z.max(axis=1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=1, keepdims=True)
+    return z.argmax(axis=1).reshape(h, w), z.max(axis=1).reshape(h, w)
+
+
 @dataclass
 class SFRStep:
-    """CPU part of SFR for K windows: grids (K, gh, gw) patch labels, matrices (K, T, T) S,
-    bias (K, T, T) float32 fp16-rounded S/max S for the last block."""
+    """CPU part of SFR for K windows: prepass_argmax / prepass_maxprob (K, h, w), grids
+    (K, gh, gw) patch labels, matrices (K, T, T) S, bias (K, T, T) float32 fp16-rounded S/max S
+    for the last block."""
 
+    prepass_argmax: np.ndarray
+    prepass_maxprob: np.ndarray
     grids: np.ndarray
     matrices: np.ndarray
     bias: np.ndarray
 
 
-def sfr_step(argmax: np.ndarray, maxprob: np.ndarray, params: ResCLIPParams, patch: int,
-             num_queries: int) -> SFRStep:
-    """(K, h, w) pre-pass argmax query and probability -> :class:`SFRStep`."""
+def sfr_step(prepass_logits: np.ndarray, windows: np.ndarray, params: ResCLIPParams,
+             patch: int) -> SFRStep:
+    """(K, Q, N) pre-pass logits, (K, 3, h, w) windows -> :class:`SFRStep`.
+
+    Windows run in parallel threads (scipy's sparse product and numpy release the GIL).
+    """
+    k, q = prepass_logits.shape[:2]
+    gh, gw = windows.shape[2] // patch, windows.shape[3] // patch
+    grids = prepass_logits.reshape(k, q, gh, gw)
+    with ThreadPoolExecutor(max_workers=max(1, min(k, os.cpu_count() or 1))) as pool:
+        pre = list(pool.map(lambda i: prepass_probs(grids[i], windows[i], params.logit_scale),
+                            range(k)))
+    argmax = np.stack([a for a, _ in pre])
+    maxprob = np.stack([m for _, m in pre])
     labels = sfr.pixel_labels(argmax, maxprob, params.temp_thd)
-    grids = np.stack([sfr.patch_labels(lab, patch, num_queries) for lab in labels])
-    mats = np.stack([sfr.sfr_matrix(g, params.connectivity, params.gaussian_std) for g in grids])
-    return SFRStep(grids, mats, np.stack([sfr.sfr_bias(m) for m in mats]))
+    patches = np.stack([sfr.patch_labels(lab, patch, q) for lab in labels])
+    mats = np.stack([sfr.sfr_matrix(g, params.connectivity, params.gaussian_std)
+                     for g in patches])
+    return SFRStep(argmax, maxprob, patches, mats, np.stack([sfr.sfr_bias(m) for m in mats]))
 
 
 def segment_image(rgb: np.ndarray, params: ResCLIPParams, patch: int, vocab: Vocabulary,

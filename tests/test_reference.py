@@ -101,14 +101,29 @@ def literal_pamr(image, mask, iterations, dilations):
     return mask
 
 
-def test_pamr_equals_the_literal_reference():
-    from resclip_deploy.export.pamr import pamr
+@pytest.mark.parametrize("hw", [(40, 56), (224, 224), (12, 70)])
+def test_pamr_equals_the_literal_reference(hw):
+    from resclip_deploy.pamr import affinity_matrix, pamr
     g = torch.Generator().manual_seed(0)
-    image = torch.randn(2, 3, 40, 56, generator=g)
-    mask = torch.randn(2, 5, 40, 56, generator=g)
-    ours = pamr(mask, image, 10, (8, 16))
-    theirs = literal_pamr(image, mask, 10, (8, 16))
-    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    image = torch.randn(1, 3, *hw, generator=g)
+    mask = torch.randn(1, 5, *hw, generator=g)
+    theirs = literal_pamr(image, mask, 10, (8, 16))[0].numpy()
+    flat = mask[0].numpy().reshape(5, -1).T                      # (HW, Q)
+    ours = pamr(flat, affinity_matrix(image[0].numpy(), (8, 16)), 10).T.reshape(5, *hw)
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)
+
+
+def test_pos_embed_resize_equals_torch_bicubic_by_scale_factor():
+    from resclip_deploy.export.model import resize_pos_embed
+    pos = torch.randn(197, 32, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(resize_pos_embed(pos, 14, 14, 14), pos, rtol=0, atol=0)
+    for gh, gw in [(21, 31), (7, 28), (14, 21), (3, 5)]:
+        table = pos[1:].reshape(1, 14, 14, 32).permute(0, 3, 1, 2)
+        table = F.interpolate(table, scale_factor=((gh + 0.1) / 14, (gw + 0.1) / 14),
+                              mode="bicubic", align_corners=False, recompute_scale_factor=False)
+        expected = torch.cat([pos[:1], table.permute(0, 2, 3, 1).reshape(-1, 32)])
+        torch.testing.assert_close(resize_pos_embed(pos, 14, gh, gw), expected, rtol=0,
+                                   atol=2e-5)
 
 
 def literal_window(gh, gw, std):
