@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 import time
 from typing import Any, Callable, Optional
@@ -38,10 +39,10 @@ def resolve_settings(preset: Optional[str], classes: Optional[str],
 def method_options(f: Callable) -> Callable:
     """Options shared by resclip-segment and resclip-export (model, vocabulary, method)."""
     options = [
-        click.option("--model", "model_name", default="auto", show_default=True,
-                     help="open_clip model name (e.g. ViT-B-16-quickgelu), or 'auto' to infer "
-                          "the architecture of an OpenAI-format checkpoint file."),
-        click.option("--pretrained", required=True,
+        click.option("--model", "model_name", default=None,
+                     help="open_clip model name (e.g. ViT-B-16-quickgelu), or 'auto' (default) "
+                          "to infer the architecture of an OpenAI-format checkpoint file."),
+        click.option("--pretrained", default=None,
                      help="open_clip pretrained tag (e.g. openai) or a local checkpoint file."),
         click.option("--preset", type=click.Choice(list(PRESETS)), default=None,
                      help="Benchmark preset: its settings and class list."),
@@ -110,28 +111,40 @@ def _setup_logging(quiet: bool) -> None:
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("-o", "--output", "outdir", required=True, type=click.Path(file_okay=False),
               help="Output folder: <stem>.png label maps (and <stem>.npz with --save-probs).")
+@click.option("--bundle", "bundle_dir", type=click.Path(file_okay=False), default=None,
+              help="Run an exported ONNX bundle (no torch needed).")
 @click.option("--reference", is_flag=True,
-              help="Run the torch reference pipeline (needs the [export] extra).")
+              help="Run the torch reference pipeline instead (needs the [export] extra).")
 @method_options
 @click.option("--save-probs", is_flag=True,
               help="Also write <stem>.npz with labels (H,W) and probs (C,H,W) float32.")
-@click.option("--device", default="cpu", show_default=True, help="torch device for --reference.")
+@click.option("--device", default="auto", show_default=True,
+              help="--bundle: auto|cpu|cuda|tensorrt (auto: TensorRT, CUDA, then CPU). "
+                   "--reference: a torch device (auto: cuda if present, else cpu).")
+@click.option("--threads", type=int, default=None, help="CPU threads for ONNX Runtime.")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
 @user_errors
-def segment_main(inputs: tuple[str, ...], outdir: str, reference: bool, model_name: str,
-                 pretrained: str, preset: Optional[str], classes: Optional[str],
-                 save_probs: bool, device: str, quiet: bool, **overrides: Any) -> None:
+def segment_main(inputs: tuple[str, ...], outdir: str, bundle_dir: Optional[str],
+                 reference: bool, model_name: Optional[str], pretrained: Optional[str],
+                 preset: Optional[str], classes: Optional[str], save_probs: bool, device: str,
+                 threads: Optional[int], quiet: bool, **overrides: Any) -> None:
     """Segment images (files, folders, globs) into OUTDIR."""
     _setup_logging(quiet)
     from .io import expand_inputs, output_stems, read_image, write_segmentation
 
-    if not reference:
-        raise UserError("choose the pipeline: --reference (torch); ONNX bundles (--bundle) "
-                        "are not available in this version")
-    params, vocab = resolve_settings(preset, classes, overrides)
+    if reference == (bundle_dir is not None):
+        raise UserError("choose one pipeline: --bundle DIR (ONNX, from resclip-export) or "
+                        "--reference (torch)")
+    if bundle_dir is not None:
+        segmenter = _bundle_segmenter(bundle_dir, model_name, pretrained, preset, classes,
+                                      device, threads, overrides)
+    else:
+        if pretrained is None:
+            raise UserError("--reference needs --pretrained TAG_OR_FILE")
+        params, vocab = resolve_settings(preset, classes, overrides)
+        segmenter = _reference_segmenter(model_name or "auto", pretrained, vocab, params, device)
     files = expand_inputs(inputs)
     stems = output_stems(files)
-    segmenter = _reference_segmenter(model_name, pretrained, vocab, params, device)
     failed = []
     for path, stem in zip(files, stems):
         start = time.perf_counter()
@@ -151,8 +164,77 @@ def segment_main(inputs: tuple[str, ...], outdir: str, reference: bool, model_na
         sys.exit(EXIT_SOME_FAILED)
 
 
+def _bundle_segmenter(bundle_dir: str, model_name: Optional[str], pretrained: Optional[str],
+                      preset: Optional[str], classes: Optional[str], device: str,
+                      threads: Optional[int], overrides: dict[str, Any]):
+    from .runtime.segmenter import RUNTIME_SETTINGS, Segmenter
+
+    fixed = {"--model": model_name, "--pretrained": pretrained, "--preset": preset,
+             **{f"--{k.replace('_', '-')}": v for k, v in overrides.items()
+                if k not in RUNTIME_SETTINGS}}
+    given = [flag for flag, value in fixed.items() if value is not None]
+    if given:
+        raise UserError(f"{', '.join(given)} are fixed when the bundle is exported; re-export "
+                        f"with resclip-export to change them (per run: --connectivity, "
+                        "--prob-thd, --temp-thd)")
+    if classes is not None:
+        raise UserError("this bundle's vocabulary is fixed at export; re-export with "
+                        "resclip-export --classes ...")
+    return Segmenter.from_bundle(bundle_dir, device=device, threads=threads,
+                                 **{k: overrides[k] for k in RUNTIME_SETTINGS})
+
+
 def segment_entry() -> None:
     run_command(segment_main)
+
+
+def export_entry() -> None:
+    run_command(export_main)
+
+
+def _progress(what: str) -> Callable[[int, int], None]:
+    def report(done: int, total: int) -> None:
+        if log.isEnabledFor(logging.INFO):
+            end = "\n" if done >= total else ""
+            click.echo(f"\r{what}: {done}/{total}", err=True, nl=False)
+            click.echo(end, err=True, nl=False)
+    return report
+
+
+@click.command("resclip-export", context_settings={"help_option_names": ["-h", "--help"]})
+@method_options
+@click.option("-o", "--output", "outdir", required=True, type=click.Path(file_okay=False),
+              help="Bundle directory to write (e.g. models/ade20k).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32",
+              show_default=True, help="Graph precision (fp16/int8: coming).")
+@click.option("--force", is_flag=True, help="Replace an existing bundle directory.")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
+@user_errors
+def export_main(model_name: str, pretrained: str, preset: Optional[str], classes: Optional[str],
+                outdir: str, precision: str, force: bool, quiet: bool,
+                **overrides: Any) -> None:
+    """Export a CLIP ViT + vocabulary as a verified ONNX bundle for resclip-segment --bundle."""
+    _setup_logging(quiet)
+    if pretrained is None:
+        raise UserError("give the weights: --pretrained TAG_OR_FILE")
+    params, vocab = resolve_settings(preset, classes, overrides)
+    try:
+        from .export.bundle_export import export_bundle
+        from .export.clip_loader import load_clip
+    except ImportError as e:
+        raise UserError(f"resclip-export needs the torch side ({e.name} is missing): "
+                        "pip install 'resclip-deploy[export]'") from None
+    if os.path.exists(outdir) and not force:
+        raise UserError(f"{outdir} exists; pass --force to replace it")
+    start = time.perf_counter()
+    clip = load_clip(model_name or "auto", pretrained)
+    manifest = export_bundle(clip, vocab, params, outdir, precision=precision, force=force,
+                             progress=_progress("text bank prompts"))
+    check = manifest["verification"]
+    size = sum(f["bytes"] for f in manifest["files"].values())
+    log.info("wrote %s (%.1f MB, %s) in %.1f s: labels agree %.3f %% with torch", outdir,
+             size / 1e6, ", ".join(manifest["graphs"]), time.perf_counter() - start,
+             100 * check["labels_agreement"])
 
 
 def _reference_segmenter(model_name: str, pretrained: str, vocab: Vocabulary,
@@ -164,6 +246,8 @@ def _reference_segmenter(model_name: str, pretrained: str, vocab: Vocabulary,
     except ImportError as e:
         raise UserError(f"--reference needs the torch side ({e.name} is missing): "
                         "pip install 'resclip-deploy[export]'") from None
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         torch.device(device)
     except RuntimeError:

@@ -90,7 +90,7 @@ def atomic_write(path: str, write: Callable[[io.BufferedWriter], None]) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
-        os.chmod(tmp, 0o666 & ~_umask())    # mkstemp creates 0600; results are ordinary files
+        os.chmod(tmp, 0o666 & ~current_umask())    # mkstemp creates 0600; results are ordinary files
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -98,7 +98,7 @@ def atomic_write(path: str, write: Callable[[io.BufferedWriter], None]) -> None:
         raise
 
 
-def _umask() -> int:
+def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask

@@ -1,0 +1,225 @@
+"""resclip-export's work: a verified bundle, built in a temporary directory and renamed at the end.
+
+Verification (before the bundle exists under its name): the ONNX checker on every graph, then
+ONNX Runtime against the torch reference on a real photo — graph outputs at batch 1 and 2 (and a
+second size in whole mode), and the whole pipeline's labels. A failure raises with the numbers;
+the numbers that passed go into the manifest.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import time
+from importlib import metadata, resources
+from typing import Any, Callable, Optional
+
+import numpy as np
+import onnx
+import torch
+
+from resclip_deploy import __version__, geometry
+from resclip_deploy.bundle import (MANIFEST, SCHEMA_VERSION, TEXT_BANK_FILE, file_sha256,
+                                   graph_layout)
+from resclip_deploy.errors import UserError
+from resclip_deploy.io import current_umask, read_image
+from resclip_deploy.params import ResCLIPParams
+from resclip_deploy.runtime.segmenter import Segmenter, create_session
+from resclip_deploy.vocab import Vocabulary
+
+from .clip_loader import LoadedCLIP
+from .model import ResCLIPVisual
+from .onnx_export import GRAPH_MODULES, OPSET, example_inputs, export_graph
+from .reference import ReferenceSegmenter
+from .text import text_bank
+
+log = logging.getLogger("resclip_deploy")
+
+# fp32 graphs must reproduce torch to these bounds on the verification photo.
+MAX_ABS_DIFF = 1e-3
+MIN_LABEL_AGREEMENT = 0.995
+
+
+class VerificationError(RuntimeError):
+    """The exported graphs do not compute what the torch reference computes."""
+
+
+def verification_photo() -> np.ndarray:
+    """A real photo shipped with the package (CC0, scikit-image's 'chelsea')."""
+    with resources.as_file(resources.files("resclip_deploy.export") / "data" / "chelsea.png") \
+            as path:
+        return read_image(str(path))
+
+
+def export_bundle(clip: LoadedCLIP, vocab: Vocabulary, params: ResCLIPParams, out_dir: str,
+                  precision: str = "fp32", text_input: bool = False, force: bool = False,
+                  progress: Optional[Callable[[int, int], None]] = None) -> dict[str, Any]:
+    """Write a verified bundle to ``out_dir``; returns its manifest.
+
+    ``text_input``: the text bank is a graph input stored beside the graphs (so a runtime can
+    swap vocabularies) instead of a constant of the graphs.
+    """
+    if precision != "fp32":
+        raise UserError(f"--precision {precision} is not available yet; use fp32")
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and not force:
+        raise UserError(f"{out_dir} exists; pass --force to replace it")
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", suffix=".tmp", dir=parent)
+    try:
+        manifest = _build(clip, vocab, params, tmp, precision, text_input, progress)
+        os.chmod(tmp, 0o777 & ~current_umask())     # mkdtemp makes 0700; a bundle is shared data
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _replace_dir(tmp: str, out_dir: str) -> None:
+    """Rename ``tmp`` to ``out_dir``; an existing ``out_dir`` is moved aside first, then removed."""
+    old = None
+    if os.path.exists(out_dir):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", suffix=".old",
+                               dir=os.path.dirname(out_dir))
+        os.rename(out_dir, os.path.join(old, "bundle"))
+    os.rename(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _build(clip: LoadedCLIP, vocab: Vocabulary, params: ResCLIPParams, folder: str,
+           precision: str, text_input: bool, progress) -> dict[str, Any]:
+    started = time.perf_counter()
+    bank = text_bank(clip.model, clip.tokenizer, vocab.queries, progress=progress)
+    bank_seconds = time.perf_counter() - started
+    net = ResCLIPVisual(clip.model.visual.float(), params).eval()
+    text = torch.from_numpy(bank)
+    layout = graph_layout(params, text_input)
+    example_hw = (params.crop, params.crop) if params.mode == "slide" else (336, 448)
+    graphs: dict[str, Any] = {}
+    for name, io in layout.items():
+        log.info("exporting %s graph", name)
+        module = GRAPH_MODULES[name](net, io, None if text_input else text).eval()
+        path = os.path.join(folder, f"{name}.onnx")
+        export_graph(module, example_inputs(net, io, text, example_hw), path)
+        onnx.checker.check_model(path, full_check=True)
+        graphs[name] = {"file": f"{name}.onnx", "opset": OPSET, **_graph_io(path)}
+    if text_input:
+        np.save(os.path.join(folder, TEXT_BANK_FILE), bank)
+    manifest = {
+        "schema": SCHEMA_VERSION,
+        "format": "resclip-deploy bundle",
+        "package_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source": clip.source,
+        "model": _model_facts(net),
+        "params": params.to_dict(),
+        "vocabulary": {**vocab.to_dict(), "queries": list(vocab.queries),
+                       "query_to_class": list(vocab.query_to_class),
+                       "class_names": list(vocab.class_names)},
+        "preprocess": {"color": "RGB", "resize": "keep ratio, bilinear (OpenCV INTER_LINEAR)",
+                       "short_side": params.short_side, "long_side_max": params.long_side_max,
+                       "mean": geometry.PIXEL_MEAN.tolist(), "std": geometry.PIXEL_STD.tolist()},
+        "precision": precision,
+        "text_bank": "input" if text_input else "constant",
+        "graphs": graphs,
+        "versions": _versions(),
+        "timings_s": {"text_bank": round(bank_seconds, 2)},
+    }
+    manifest["files"] = _file_entries(folder)
+    _write_manifest(folder, manifest)
+    manifest["verification"] = verify_bundle(folder, net, bank, vocab, params)
+    manifest["timings_s"]["total"] = round(time.perf_counter() - started, 2)
+    _write_manifest(folder, manifest)
+    return manifest
+
+
+def _write_manifest(folder: str, manifest: dict[str, Any]) -> None:
+    with open(os.path.join(folder, MANIFEST), "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=1)
+        f.write("\n")
+
+
+def _file_entries(folder: str) -> dict[str, Any]:
+    return {name: {"sha256": file_sha256(os.path.join(folder, name)),
+                   "bytes": os.path.getsize(os.path.join(folder, name))}
+            for name in sorted(os.listdir(folder)) if name != MANIFEST}
+
+
+def _graph_io(path: str) -> dict[str, Any]:
+    """Input/output names, dtypes and symbolic shapes as ONNX Runtime reports them."""
+    session = create_session(path, "cpu", None)
+
+    def describe(args):
+        return [{"name": a.name, "dtype": a.type, "shape": a.shape} for a in args]
+    return {"inputs": describe(session.get_inputs()), "outputs": describe(session.get_outputs())}
+
+
+def _model_facts(net: ResCLIPVisual) -> dict[str, Any]:
+    visual = net.visual
+    return {"patch": net.patch, "grid": int(visual.grid_size[0]),
+            "width": int(visual.conv1.out_channels), "depth": len(visual.transformer.resblocks),
+            "heads": int(visual.transformer.resblocks[0].attn.num_heads),
+            "embed_dim": int(visual.proj.shape[1]), "rcs_blocks": list(net.rcs_blocks)}
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist in ("torch", "open_clip_torch", "onnx", "onnxruntime-gpu", "onnxruntime", "numpy",
+                 "opencv-python-headless"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def verify_bundle(folder: str, net: ResCLIPVisual, bank: np.ndarray, vocab: Vocabulary,
+                  params: ResCLIPParams) -> dict[str, Any]:
+    """ONNX Runtime vs torch on the verification photo; raises VerificationError on a miss."""
+    photo = verification_photo()
+    runtime = Segmenter.from_bundle(folder, device="cpu")
+    reference = ReferenceSegmenter(net.visual, bank, vocab, params)
+    report: dict[str, Any] = {"photo": "chelsea.png (300x451)", "graphs": []}
+    sizes = [params.short_side] if params.mode == "slide" else [params.short_side, 224]
+    for short_side in sizes:
+        x = geometry.preprocess(photo, short_side, params.long_side_max)
+        boxes = geometry.window_boxes(x.shape[1], x.shape[2], params.mode, params.crop,
+                                      params.stride)
+        windows = geometry.crop_batch(x, boxes)
+        for batch in (1, 2):
+            chosen = windows[np.arange(batch) % len(windows)]
+            report["graphs"].append(_compare_windows(runtime, reference, chosen))
+    ours, theirs = runtime.segment(photo), reference.segment(photo)
+    report["labels_agreement"] = float((ours.labels == theirs.labels).mean())
+    report["probs_max_abs_diff"] = float(np.abs(ours.probs - theirs.probs).max())
+    report["thresholds"] = {"max_abs_diff": MAX_ABS_DIFF,
+                            "labels_agreement": MIN_LABEL_AGREEMENT}
+    worst = max(g["logits_max_abs_diff"] for g in report["graphs"])
+    if worst > MAX_ABS_DIFF or report["labels_agreement"] < MIN_LABEL_AGREEMENT:
+        raise VerificationError(f"ONNX Runtime differs from torch: logits max abs diff {worst:.3g} "
+                                f"(limit {MAX_ABS_DIFF}), labels agree "
+                                f"{100 * report['labels_agreement']:.3f} % (limit "
+                                f"{100 * MIN_LABEL_AGREEMENT} %)")
+    log.info("verified: logits max abs diff %.2e, labels agree %.3f %%", worst,
+             100 * report["labels_agreement"])
+    return report
+
+
+def _compare_windows(runtime: Segmenter, reference: ReferenceSegmenter,
+                     windows: np.ndarray) -> dict[str, Any]:
+    ref = reference.forward_windows(windows)
+    logits, step = runtime.forward_windows(windows)
+    entry = {"batch": int(windows.shape[0]), "size": list(windows.shape[2:]),
+             "logits_max_abs_diff": float(np.abs(logits.reshape(ref.logits.shape)
+                                                 - ref.logits).max())}
+    if step is not None:
+        entry["sfr_patch_label_agreement"] = float((step.grids == ref.patch_labels).mean())
+    return entry

@@ -1,0 +1,150 @@
+"""The torch-free segmenter: a bundle's ONNX graphs in ONNX Runtime + the shared CPU steps.
+
+>>> seg = Segmenter.from_bundle("models/ade20k", device="auto")
+>>> result = seg.segment(rgb)          # RGB uint8 (H, W, 3)
+>>> result.labels, result.probs, result.class_names
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import numpy as np
+import onnxruntime as ort
+
+from resclip_deploy.bundle import TEXT_BANK_FILE, Bundle, read_bundle
+from resclip_deploy.errors import UserError
+from resclip_deploy.pipeline import SFRStep, segment_image, sfr_step
+from resclip_deploy.postprocess import Segmentation
+
+log = logging.getLogger("resclip_deploy")
+
+DEVICES = ("auto", "cpu", "cuda", "tensorrt")
+_PROVIDER_CHAINS = {
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "cpu": ["CPUExecutionProvider"],
+}
+_GPU_LIBRARIES = {"TensorrtExecutionProvider": "TensorRT (libnvinfer) with CUDA and cuDNN",
+                  "CUDAExecutionProvider": "the CUDA runtime and cuDNN"}
+# Settings applied on CPU between or after the graphs; a run may change them.
+RUNTIME_SETTINGS = ("connectivity", "prob_thd", "temp_thd")
+
+
+def create_session(path: str, device: str, threads: Optional[int]) -> ort.InferenceSession:
+    """An ONNX Runtime session on ``device``; a requested GPU that does not bind is an error.
+
+    onnxruntime-gpu lists GPU providers without a GPU and silently runs on CPU, so the providers
+    that actually bound (``get_providers()``) decide. ``auto`` tries TensorRT, CUDA, then CPU.
+    """
+    if device not in DEVICES:
+        raise UserError(f"--device {device!r} is not known; choose one of {', '.join(DEVICES)}")
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    available = ort.get_available_providers()
+    if device in ("cuda", "tensorrt"):
+        chain = _PROVIDER_CHAINS[device]
+        if chain[0] not in available:
+            raise UserError(f"--device {device}: this onnxruntime has no {chain[0]} (installed: "
+                            f"{', '.join(available)}); install onnxruntime-gpu, or use --device cpu")
+        session = _try_session(path, options, chain)
+        if session is None or session.get_providers()[0] != chain[0]:
+            bound = ", ".join(session.get_providers()) if session else "none"
+            raise UserError(f"--device {device}: {chain[0]} did not start (bound: {bound}); it "
+                            f"needs {_GPU_LIBRARIES[chain[0]]} and a visible GPU; or use "
+                            "--device cpu")
+        return session
+    if device == "auto":
+        for name in ("tensorrt", "cuda"):
+            first = _PROVIDER_CHAINS[name][0]
+            if first in available:
+                session = _try_session(path, options, [first, "CPUExecutionProvider"])
+                if session is not None and session.get_providers()[0] == first:
+                    return session
+        gpu = [p for p in available if p in _GPU_LIBRARIES]
+        if gpu:
+            log.warning("no GPU in use: %s installed but did not start (no GPU, or missing "
+                        "CUDA/cuDNN/TensorRT libraries); running on CPU", ", ".join(gpu))
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def _device_of(session: ort.InferenceSession) -> str:
+    first = session.get_providers()[0]
+    return next(name for name, chain in _PROVIDER_CHAINS.items() if chain[0] == first)
+
+
+def _try_session(path: str, options: ort.SessionOptions,
+                 providers: list[str]) -> Optional[ort.InferenceSession]:
+    """A session with ``providers``, or None; ORT's own provider-load chatter is silenced (the
+    caller reports in its words)."""
+    ort.set_default_logger_severity(4)
+    try:
+        return ort.InferenceSession(path, options, providers=providers, enable_fallback=0)
+    except (RuntimeError, ValueError):
+        return None
+    finally:
+        ort.set_default_logger_severity(2)
+
+
+class Segmenter:
+    """ResCLIP from a bundle. All windows of an image run as one batch per graph."""
+
+    def __init__(self, bundle: Bundle, sessions: dict[str, ort.InferenceSession],
+                 text: Optional[np.ndarray], overrides: dict[str, Any]):
+        unknown = set(overrides) - set(RUNTIME_SETTINGS)
+        if unknown:
+            raise UserError(f"{sorted(unknown)} are fixed in the exported graphs; only "
+                            f"{', '.join(RUNTIME_SETTINGS)} can change at run time (re-export "
+                            "for the others)")
+        self.bundle, self.sessions, self.text = bundle, sessions, text
+        self.params = bundle.params.replace(**overrides)
+        self.vocab = bundle.vocabulary
+        self.patch = bundle.patch
+
+    @classmethod
+    def from_bundle(cls, path: str, device: str = "auto", threads: Optional[int] = None,
+                    **overrides: Any) -> "Segmenter":
+        """``overrides``: runtime-side settings (connectivity, prob_thd, temp_thd); None = keep."""
+        bundle = read_bundle(path)
+        sessions: dict[str, ort.InferenceSession] = {}
+        for name in bundle.manifest["graphs"]:
+            sessions[name] = create_session(bundle.graph_file(name), device, threads)
+            device = _device_of(sessions[name])     # 'auto' is decided once, by the first graph
+        for name, session in sessions.items():
+            log.info("%s graph on %s", name, ", ".join(session.get_providers()))
+        text = None
+        if bundle.manifest["text_bank"] == "input":
+            text = np.load(bundle.file(TEXT_BANK_FILE), allow_pickle=False)
+        return cls(bundle, sessions, text, {k: v for k, v in overrides.items() if v is not None})
+
+    @property
+    def providers(self) -> dict[str, list[str]]:
+        return {name: s.get_providers() for name, s in self.sessions.items()}
+
+    def _run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        session = self.sessions[graph]
+        if self.text is not None:
+            feeds = {**feeds, "text": self.text}
+        names = [o.name for o in session.get_outputs()]
+        wanted = {i.name for i in session.get_inputs()}
+        return dict(zip(names, session.run(names, {k: v for k, v in feeds.items()
+                                                   if k in wanted})))
+
+    def forward_windows(self, windows: np.ndarray) -> tuple[np.ndarray, Optional[SFRStep]]:
+        """(K, 3, h, w) float32 normalised windows -> (K, Q, N) patch cosine logits and the
+        SFR step between the graphs (None without SFR)."""
+        windows = np.ascontiguousarray(windows, dtype=np.float32)
+        if "segmenter" in self.sessions:
+            return self._run("segmenter", {"pixels": windows})["logits"], None
+        enc = self._run("encoder", {"pixels": windows})
+        step = sfr_step(enc["prepass_logits"], windows, self.params, self.patch)
+        return self._run("head", {**enc, "sfr_bias": step.bias})["logits"], step
+
+    def run_windows(self, windows: np.ndarray) -> np.ndarray:
+        return self.forward_windows(windows)[0]
+
+    def segment(self, rgb: np.ndarray) -> Segmentation:
+        """RGB uint8 (H0, W0, 3) -> Segmentation at (H0, W0)."""
+        return segment_image(rgb, self.params, self.patch, self.vocab, self.run_windows)
