@@ -123,7 +123,8 @@ class Segmenter:
     def providers(self) -> dict[str, list[str]]:
         return {name: s.get_providers() for name, s in self.sessions.items()}
 
-    def _run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run_graph(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one graph; feeds it does not take are dropped, the text bank added. -> outputs."""
         session = self.sessions[graph]
         if self.text is not None:
             feeds = {**feeds, "text": self.text}
@@ -137,10 +138,10 @@ class Segmenter:
         SFR step between the graphs (None without SFR)."""
         windows = np.ascontiguousarray(windows, dtype=np.float32)
         if "segmenter" in self.sessions:
-            return self._run("segmenter", {"pixels": windows})["logits"], None
-        enc = self._run("encoder", {"pixels": windows})
+            return self.run_graph("segmenter", {"pixels": windows})["logits"], None
+        enc = self.run_graph("encoder", {"pixels": windows})
         step = sfr_step(enc["prepass_logits"], windows, self.params, self.patch)
-        return self._run("head", {**enc, "sfr_bias": step.bias})["logits"], step
+        return self.run_graph("head", {**enc, "sfr_bias": step.bias})["logits"], step
 
     def run_windows(self, windows: np.ndarray) -> np.ndarray:
         return self.forward_windows(windows)[0]

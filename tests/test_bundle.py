@@ -1,0 +1,194 @@
+"""Bundles: export the fixture weights, run them in ONNX Runtime without torch, and refuse bundles
+that were altered, are from a newer schema, or were not finished."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import CASES, FIXTURES, WEIGHTS, case_image, load_case
+from resclip_deploy.cli import export_main, segment_main
+from resclip_deploy.errors import UserError
+
+_BUNDLES = {}
+
+
+def export_args(case, out):
+    return ["--model", "auto", "--pretrained", str(WEIGHTS), "--preset", case["preset"],
+            "--method", case["base_attention"],
+            "--rcs" if case["rcs"]["on"] else "--no-rcs",
+            "--sfr" if case["sfr"]["on"] else "--no-sfr",
+            "--mode", case["mode"]["type"], "--connectivity", "reference",
+            "--short-side", str(case["short_side"]), "-o", str(out), "-q"]
+
+
+@pytest.fixture(scope="session")
+def bundle_for(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bundles")
+
+    def get(case):
+        if case["name"] not in _BUNDLES:
+            out = root / case["name"]
+            result = CliRunner().invoke(export_main, export_args(case, out),
+                                        catch_exceptions=False)
+            assert result.exit_code == 0, result.output
+            _BUNDLES[case["name"]] = out
+        return _BUNDLES[case["name"]]
+    return get
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+def test_fixture_parity_through_onnx_runtime(case, bundle_for, tmp_path):
+    bundle = bundle_for(case)
+    ref = load_case(case)
+    result = CliRunner().invoke(segment_main, [str(case_image(case)), "-o", str(tmp_path),
+                                               "--bundle", str(bundle), "--device", "cpu",
+                                               "--save-probs", "-q"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    with np.load(tmp_path / f"{case_image(case).stem}.npz") as out:
+        labels, probs = out["labels"], out["probs"]
+    assert (labels == ref["labels"]).mean() >= 0.995
+    y, x = ref["sample_yx"][:, 0], ref["sample_yx"][:, 1]
+    err = np.abs(probs[:, y, x].T - ref["probs_at"]).max(axis=1)
+    assert (err <= 1e-3).mean() >= 0.99, np.quantile(err, [0.5, 0.99, 1.0])
+
+    from resclip_deploy.runtime.segmenter import Segmenter
+    seg = Segmenter.from_bundle(str(bundle), device="cpu")
+    logits, step = seg.forward_windows(ref["crop0_input"])
+    graph = "encoder" if case["sfr"]["on"] else "segmenter"
+    outputs = seg.run_graph(graph, {"pixels": ref["crop0_input"]})
+    if case["rcs"]["on"] and case["sfr"]["on"]:
+        np.testing.assert_allclose(outputs["rcs"][0], ref["crop0_rcs_attn"], rtol=0, atol=1e-4)
+    if case["sfr"]["on"]:
+        np.testing.assert_array_equal(step.grids[0], ref["crop0_sfr_patch_labels"])
+        np.testing.assert_allclose(step.matrices[0], ref["crop0_sfr_attn"], rtol=0, atol=1e-4)
+        np.testing.assert_allclose(step.prepass_maxprob[0], ref["crop0_temp_maxprob"], rtol=0,
+                                   atol=1e-4)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    check = manifest["verification"]
+    assert check["labels_agreement"] >= 0.995
+    assert {g["batch"] for g in check["graphs"]} == {1, 2}
+    if case["mode"]["type"] == "whole":
+        assert len({tuple(g["size"]) for g in check["graphs"]}) == 2
+
+
+def first_bundle(bundle_for):
+    return bundle_for(CASES[0])
+
+
+def test_manifest_records_files_settings_source_and_io(bundle_for):
+    bundle = first_bundle(bundle_for)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"encoder.onnx", "head.onnx"}
+    assert manifest["source"]["sha256"] == json.loads(
+        (FIXTURES / "parity" / "cases.json").read_text())["weights"]["rand-vit16-w192.pt"]["sha256"]
+    assert manifest["params"]["connectivity"] == "reference"
+    assert manifest["vocabulary"]["queries"][0] == "wall"
+    enc = manifest["graphs"]["encoder"]
+    assert [i["name"] for i in enc["inputs"]] == ["pixels"]
+    assert [o["name"] for o in enc["outputs"]] == ["tokens", "rcs", "window", "prepass_logits"]
+    assert enc["opset"] >= 18 and "torch" in manifest["versions"]
+
+
+def copy_bundle(src, dst):
+    dst.mkdir()
+    for name in os.listdir(src):
+        (dst / name).write_bytes((src / name).read_bytes())
+    return dst
+
+
+def test_altered_graph_is_refused(bundle_for, tmp_path):
+    from resclip_deploy.bundle import read_bundle
+    bundle = copy_bundle(first_bundle(bundle_for), tmp_path / "b")
+    data = bytearray((bundle / "head.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (bundle / "head.onnx").write_bytes(bytes(data))
+    with pytest.raises(UserError, match="head.onnx does not match its sha256"):
+        read_bundle(str(bundle))
+    result = CliRunner().invoke(segment_main, [str(FIXTURES / "images" / "chelsea.png"), "-o",
+                                               str(tmp_path / "o"), "--bundle", str(bundle)])
+    assert result.exit_code == 2 and "sha256" in result.output
+
+
+def test_newer_schema_is_refused(bundle_for, tmp_path):
+    from resclip_deploy.bundle import read_bundle
+    bundle = copy_bundle(first_bundle(bundle_for), tmp_path / "b")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["schema"] += 1
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="newer than this resclip-deploy reads"):
+        read_bundle(str(bundle))
+
+
+def test_interrupted_export_leaves_nothing(tmp_path, fixture_clip):
+    from resclip_deploy.export.bundle_export import export_bundle
+    from resclip_deploy.params import PRESETS
+    from resclip_deploy.vocab import preset_vocabulary
+
+    def interrupt(done, total):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        export_bundle(fixture_clip, preset_vocabulary("voc20"), PRESETS["voc20"][0],
+                      str(tmp_path / "b"), progress=interrupt)
+    assert os.listdir(tmp_path) == []
+
+
+def test_existing_bundle_needs_force(bundle_for, tmp_path):
+    case = next(c for c in CASES if c["name"] == "voc20_chelsea_clip")
+    out = copy_bundle(bundle_for(case), tmp_path / "b")
+    before = (out / "manifest.json").read_text()
+    result = CliRunner().invoke(export_main, export_args(case, out))
+    assert result.exit_code == 2 and "--force" in result.output
+    assert (out / "manifest.json").read_text() == before
+    result = CliRunner().invoke(export_main, export_args(case, out) + ["--force"])
+    assert result.exit_code == 0, result.output
+    assert (out / "manifest.json").read_text() != before
+    assert sorted(os.listdir(tmp_path)) == ["b"]
+
+
+def test_bundle_runtime_never_imports_torch(bundle_for, tmp_path):
+    bundle = first_bundle(bundle_for)
+    code = (
+        "import sys\n"
+        "from resclip_deploy.cli import segment_main\n"
+        f"segment_main([{str(FIXTURES / 'images' / 'chelsea.png')!r}, '-o', "
+        f"{str(tmp_path)!r}, '--bundle', {str(bundle)!r}, '--device', 'cpu', '-q'], "
+        "standalone_mode=False)\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "chelsea.png").exists()
+
+
+def test_gpu_request_without_gpu_is_a_clear_error(bundle_for, tmp_path):
+    import onnxruntime as ort
+    bundle = first_bundle(bundle_for)
+    exe = os.path.join(os.path.dirname(sys.executable), "resclip-segment")
+    result = subprocess.run([exe, str(FIXTURES / "images" / "chelsea.png"), "-o", str(tmp_path),
+                             "--bundle", str(bundle), "--device", "cuda"],
+                            capture_output=True, text=True)
+    session = ort.InferenceSession(str(bundle / "head.onnx"),
+                                   providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    if session.get_providers()[0] == "CUDAExecutionProvider":
+        assert result.returncode == 0, result.stderr      # a machine with a working GPU
+    else:
+        assert result.returncode == 2
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and "--device cuda" in lines[0] and "--device cpu" in lines[0]
+
+
+def test_bundle_fixes_export_time_settings(bundle_for, tmp_path):
+    bundle = first_bundle(bundle_for)
+    image = str(FIXTURES / "images" / "chelsea.png")
+    result = CliRunner().invoke(segment_main, [image, "-o", str(tmp_path), "--bundle",
+                                               str(bundle), "--method", "clip"])
+    assert result.exit_code == 2 and "--method" in result.output and "re-export" in result.output
+    result = CliRunner().invoke(segment_main, [image, "-o", str(tmp_path), "--bundle",
+                                               str(bundle), "--connectivity", "components",
+                                               "--prob-thd", "0.5", "--device", "cpu", "-q"])
+    assert result.exit_code == 0, result.output
