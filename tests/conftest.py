@@ -27,3 +27,32 @@ def case_image(case):
 def fixture_clip():
     from resclip_deploy.export.clip_loader import load_clip
     return load_clip("auto", str(WEIGHTS))
+
+
+TINY = "resclip-test-tiny"
+TINY_CFG = {"embed_dim": 64,
+            "vision_cfg": {"image_size": 224, "layers": 4, "width": 128, "patch_size": 32},
+            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 1,
+                         "layers": 2}}
+
+
+@pytest.fixture(scope="session")
+def tiny_files(tmp_path_factory):
+    """A tiny random open_clip ViT (4 blocks, patch 32, GELU) registered as TINY, saved as a
+    state dict (.pt), safetensors and a wrapped {'state_dict': {'module.*'}} checkpoint."""
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+    folder = tmp_path_factory.mktemp("tiny")
+    (folder / f"{TINY}.json").write_text(json.dumps(TINY_CFG))
+    open_clip.add_model_config(folder)
+    torch.manual_seed(0)
+    model = open_clip.create_model(TINY, pretrained=None).eval()
+    sd = model.state_dict()
+    files = {"pt": folder / "tiny.pt", "safetensors": folder / "tiny.safetensors",
+             "wrapped": folder / "wrapped.pt"}
+    torch.save(sd, files["pt"])
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(files["safetensors"]))
+    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in sd.items()}},
+               files["wrapped"])
+    return model, files

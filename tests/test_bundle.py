@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import CASES, FIXTURES, WEIGHTS, case_image, load_case
+from conftest import CASES, FIXTURES, TINY, WEIGHTS, case_image, load_case
 from resclip_deploy.cli import export_main, segment_main
 from resclip_deploy.errors import UserError
 
@@ -192,3 +192,30 @@ def test_bundle_fixes_export_time_settings(bundle_for, tmp_path):
                                                str(bundle), "--connectivity", "components",
                                                "--prob-thd", "0.5", "--device", "cpu", "-q"])
     assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("changes", [{}, {"mode": "whole", "method": "clearclip"},
+                                     {"sfr": False, "method": "sclip"}],
+                         ids=["slide-naclip", "whole-clearclip", "no-sfr-sclip"])
+def test_tiny_random_open_clip_vit_exports_and_runs(tiny_files, tmp_path, changes):
+    from resclip_deploy.export.bundle_export import export_bundle
+    from resclip_deploy.export.clip_loader import load_clip
+    from resclip_deploy.export.reference import ReferenceSegmenter
+    from resclip_deploy.io import read_image
+    from resclip_deploy.params import CUSTOM
+    from resclip_deploy.runtime.segmenter import Segmenter
+    from resclip_deploy.vocab import parse_class_list
+    _, files = tiny_files
+    clip = load_clip(TINY, str(files["safetensors"]))
+    vocab = parse_class_list("cat|kitten,sofa,wall,floor")
+    params = CUSTOM.replace(**changes)
+    manifest = export_bundle(clip, vocab, params, str(tmp_path / "tiny"))
+    assert manifest["model"] == {"patch": 32, "grid": 7, "width": 128, "depth": 4, "heads": 2,
+                                 "embed_dim": 64, "rcs_blocks": [2]}
+    seg = Segmenter.from_bundle(str(tmp_path / "tiny"), device="cpu")
+    ref = ReferenceSegmenter.from_clip(clip, vocab, params)
+    rgb = read_image(str(FIXTURES / "images" / "astronaut.png"))
+    ours, theirs = seg.segment(rgb), ref.segment(rgb)
+    assert ours.labels.shape == (512, 512) and ours.class_names == ("cat", "sofa", "wall", "floor")
+    assert (ours.labels == theirs.labels).mean() >= 0.995
+    np.testing.assert_allclose(ours.probs, theirs.probs, rtol=0, atol=1e-3)

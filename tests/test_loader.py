@@ -1,44 +1,17 @@
 """Checkpoint loading: open_clip names + local files (torch, safetensors, wrapped), auto."""
 
-import json
-
 import numpy as np
 import open_clip
 import pytest
 import torch
-from safetensors.torch import save_file
 
-from conftest import FIXTURES
+from conftest import FIXTURES, TINY
 from resclip_deploy.errors import UserError
 from resclip_deploy.export.clip_loader import load_clip
 from resclip_deploy.export.reference import ReferenceSegmenter
 from resclip_deploy.io import read_image
 from resclip_deploy.params import CUSTOM
 from resclip_deploy.vocab import parse_class_list
-
-TINY = "resclip-test-tiny"
-TINY_CFG = {"embed_dim": 64,
-            "vision_cfg": {"image_size": 224, "layers": 4, "width": 128, "patch_size": 32},
-            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 1,
-                         "layers": 2}}
-
-
-@pytest.fixture(scope="module")
-def tiny_files(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("cfg")
-    (folder / f"{TINY}.json").write_text(json.dumps(TINY_CFG))
-    open_clip.add_model_config(folder)
-    torch.manual_seed(0)
-    model = open_clip.create_model(TINY, pretrained=None).eval()
-    sd = model.state_dict()
-    files = {"pt": folder / "tiny.pt", "safetensors": folder / "tiny.safetensors",
-             "wrapped": folder / "wrapped.pt"}
-    torch.save(sd, files["pt"])
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(files["safetensors"]))
-    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in sd.items()}},
-               files["wrapped"])
-    return model, files
-
 
 @pytest.mark.parametrize("kind", ["pt", "safetensors", "wrapped"])
 def test_open_clip_checkpoint_files_load_exactly(tiny_files, kind):
