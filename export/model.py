@@ -6,6 +6,10 @@ traces to ONNX. Device and dtype follow the inputs; there is no ``.cuda()``.
 
 Shapes: B crops, T = N + 1 tokens (CLS first), D width, H heads of 64, E embedding size,
 Q text queries, (gh, gw) patch grid.
+
+Precision follows the weights: with fp16 weights the matrix products run in fp16 while LayerNorm,
+softmax, the RCS/SFR blends, the naclip window and the cosine logits stay in fp32 (the casts are
+no-ops for fp32 weights).
 """
 
 from __future__ import annotations
@@ -35,9 +39,15 @@ def qkv(attn: nn.MultiheadAttention, x: torch.Tensor) -> tuple[torch.Tensor, ...
     return tuple(split_heads(t, attn.num_heads) for t in (q, k, v))
 
 
+def layer_norm(ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """LayerNorm computed in fp32, returned in the input's dtype."""
+    y = F.layer_norm(x.float(), ln.normalized_shape, ln.weight.float(), ln.bias.float(), ln.eps)
+    return y.to(x.dtype)
+
+
 def attention_output(attn: nn.MultiheadAttention, p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """(B, H, T, T) weights, (B, H, T, 64) values -> out_proj of the concatenated heads (B, T, D)."""
-    y = (p @ v).transpose(1, 2)                                 # (B, T, H, 64)
+    y = (p.to(v.dtype) @ v).transpose(1, 2)                     # (B, T, H, 64)
     return attn.out_proj(y.reshape(y.shape[0], y.shape[1], -1))
 
 
@@ -45,13 +55,14 @@ def base_logits(method: str, q: torch.Tensor, k: torch.Tensor) -> list[torch.Ten
     """Last-block attention logits by method (SPEC §4); sclip has two matrices."""
     scale = HEAD_DIM ** -0.5
     if method == "naclip":
-        return [k @ k.transpose(-1, -2) * scale]
+        return [(k @ k.transpose(-1, -2)).float() * scale]
     if method == "clearclip":
-        return [q @ q.transpose(-1, -2) * scale]
+        return [(q @ q.transpose(-1, -2)).float() * scale]
     if method == "clip":
-        return [(q * scale) @ k.transpose(-1, -2)]
+        return [((q * scale) @ k.transpose(-1, -2)).float()]
     if method == "sclip":
-        return [q @ q.transpose(-1, -2) * scale, k @ k.transpose(-1, -2) * scale]
+        return [(q @ q.transpose(-1, -2)).float() * scale,
+                (k @ k.transpose(-1, -2)).float() * scale]
     raise ValueError(f"unknown method {method!r}")
 
 
@@ -60,8 +71,8 @@ def naclip_window(gh: int, gw: int, std: float, like: torch.Tensor) -> torch.Ten
 
     Built from aranges (no index arithmetic on a symbolic width) so it traces with dynamic grids.
     """
-    rows = torch.arange(gh, device=like.device, dtype=like.dtype)
-    cols = torch.arange(gw, device=like.device, dtype=like.dtype)
+    rows = torch.arange(gh, device=like.device, dtype=torch.float32)
+    cols = torch.arange(gw, device=like.device, dtype=torch.float32)
     r = rows[:, None].expand(gh, gw).reshape(-1)
     c = cols[None, :].expand(gh, gw).reshape(-1)
     dist2 = (r[:, None] - r[None, :]) ** 2 + (c[:, None] - c[None, :]) ** 2
@@ -126,11 +137,11 @@ def embed(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
     patch = visual.conv1.kernel_size[0]
     gh, gw = x.shape[-2] // patch, x.shape[-1] // patch
     grid = visual.grid_size[0]
-    t = visual.conv1(x).flatten(2).transpose(1, 2)              # (B, N, D)
+    t = visual.conv1(x.to(visual.conv1.weight.dtype)).flatten(2).transpose(1, 2)   # (B, N, D)
     cls = visual.class_embedding.to(t.dtype).expand(t.shape[0], 1, -1)
     t = torch.cat([cls, t], dim=1)
-    pos = resize_pos_embed(visual.positional_embedding.to(t.dtype), grid, gh, gw)
-    return visual.ln_pre(t + pos)
+    pos = resize_pos_embed(visual.positional_embedding.float(), grid, gh, gw).to(t.dtype)
+    return layer_norm(visual.ln_pre, t + pos)
 
 
 def trunk(visual: nn.Module, x: torch.Tensor,
@@ -142,10 +153,10 @@ def trunk(visual: nn.Module, x: torch.Tensor,
     """
     kept = []
     for i, blk in enumerate(visual.transformer.resblocks[:-1]):
-        q, k, v = qkv(blk.attn, blk.ln_1(x))
-        p = torch.softmax((q * HEAD_DIM ** -0.5) @ k.transpose(-1, -2), dim=-1)
+        q, k, v = qkv(blk.attn, layer_norm(blk.ln_1, x))
+        p = torch.softmax(((q * HEAD_DIM ** -0.5) @ k.transpose(-1, -2)).float(), dim=-1)
         x = x + blk.ls_1(attention_output(blk.attn, p, v))
-        x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+        x = x + blk.ls_2(blk.mlp(layer_norm(blk.ln_2, x)))
         if i in rcs_blocks:
             kept.append(p)
     rcs = torch.stack(kept).mean(dim=0) if kept else None
@@ -178,17 +189,18 @@ def last_block(visual: nn.Module, x: torch.Tensor, p_fn, residual: bool) -> torc
     Without residual (naclip, clearclip) the block output is the attention output alone.
     """
     blk = visual.transformer.resblocks[-1]
-    q, k, v = qkv(blk.attn, blk.ln_1(x))
+    x = x.to(visual.proj.dtype)
+    q, k, v = qkv(blk.attn, layer_norm(blk.ln_1, x))
     y = blk.ls_1(attention_output(blk.attn, p_fn(q, k), v))
     if residual:
         y = x + y
-        y = y + blk.ls_2(blk.mlp(blk.ln_2(y)))
-    return visual.ln_post(y) @ visual.proj
+        y = y + blk.ls_2(blk.mlp(layer_norm(blk.ln_2, y)))
+    return layer_norm(visual.ln_post, y) @ visual.proj
 
 
 def cosine_logits(tokens: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     """(B, T, E) projected tokens, (Q, E) unit text features -> (B, Q, N) patch cosine logits."""
-    return (F.normalize(tokens[:, 1:], dim=-1) @ text.t()).transpose(1, 2)
+    return (F.normalize(tokens[:, 1:].float(), dim=-1) @ text.float().t()).transpose(1, 2)
 
 
 class ResCLIPVisual(nn.Module):

@@ -48,7 +48,8 @@ class EncoderGraph(GraphModule):
         tokens, rcs = self.net.encode(pixels)
         window = self.net.window(pixels)
         prepass = self.net.head(tokens, rcs, window, None, self._text(named))
-        return self._select({"tokens": tokens, "rcs": rcs, "window": window,
+        # fp32 at the graph boundary whatever the weights (fp16 tokens round-trip exactly).
+        return self._select({"tokens": tokens.float(), "rcs": rcs, "window": window,
                              "prepass_logits": prepass})
 
 

@@ -219,3 +219,41 @@ def test_tiny_random_open_clip_vit_exports_and_runs(tiny_files, tmp_path, change
     assert ours.labels.shape == (512, 512) and ours.class_names == ("cat", "sofa", "wall", "floor")
     assert (ours.labels == theirs.labels).mean() >= 0.995
     np.testing.assert_allclose(ours.probs, theirs.probs, rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_reduced_precision_bundles_are_what_they_say_and_report_agreement(
+        precision, fixture_clip, tmp_path):
+    import onnx
+    from resclip_deploy.export.bundle_export import export_bundle
+    from resclip_deploy.params import PRESETS
+    from resclip_deploy.runtime.segmenter import Segmenter
+    from resclip_deploy.vocab import preset_vocabulary
+    case = next(c for c in CASES if c["name"] == "context60_astronaut")
+    params = PRESETS["context60"][0].replace(connectivity="reference")
+    manifest = export_bundle(fixture_clip, preset_vocabulary("context60"), params,
+                             str(tmp_path / "b"), precision=precision)
+    assert manifest["precision"] == precision
+    check = manifest["verification"]
+    assert 0.9 <= check["labels_agreement"] <= 1.0
+    graph = onnx.load(str(tmp_path / "b" / "encoder.onnx"))
+    ops = {n.op_type for n in graph.graph.node}
+    weight_types = {i.data_type for i in graph.graph.initializer}
+    if precision == "fp16":
+        assert check["thresholds"]["labels_agreement"] == 0.98
+        assert onnx.TensorProto.FLOAT16 in weight_types
+        inferred = onnx.shape_inference.infer_shapes(graph).graph
+        types = {v.name: v.type.tensor_type.elem_type for v in
+                 [*inferred.value_info, *inferred.input, *inferred.output]}
+        for op in ("LayerNormalization", "Softmax"):
+            inputs = [n.input[0] for n in graph.graph.node if n.op_type == op]
+            assert inputs and {types[i] for i in inputs} == {onnx.TensorProto.FLOAT}, op
+    else:
+        assert check["thresholds"] is None
+        assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
+    seg = Segmenter.from_bundle(str(tmp_path / "b"), device="cpu")
+    from resclip_deploy.io import read_image
+    out = seg.segment(read_image(str(case_image(case))))
+    ref = load_case(case)
+    agreement = (out.labels == ref["labels"]).mean()
+    assert agreement >= (0.98 if precision == "fp16" else 0.85), agreement
