@@ -38,6 +38,7 @@ from .model import ResCLIPVisual
 from .onnx_export import GRAPH_MODULES, OPSET, example_inputs, export_graph
 from .reference import ReferenceSegmenter
 from .text import text_bank
+from .text_export import export_text_encoder, text_encoder_entry
 
 log = logging.getLogger("resclip_deploy")
 
@@ -59,12 +60,12 @@ def verification_photo() -> np.ndarray:
 
 
 def export_bundle(clip: LoadedCLIP, vocab: Vocabulary, params: ResCLIPParams, out_dir: str,
-                  precision: str = "fp32", text_input: bool = False, force: bool = False,
+                  precision: str = "fp32", text_encoder: bool = False, force: bool = False,
                   progress: Optional[Callable[[int, int], None]] = None) -> dict[str, Any]:
     """Write a verified bundle to ``out_dir``; returns its manifest.
 
-    ``text_input``: the text bank is a graph input stored beside the graphs (so a runtime can
-    swap vocabularies) instead of a constant of the graphs.
+    ``text_encoder``: also export the text tower and tokenizer; the text bank then becomes a
+    graph input stored beside the graphs, so a runtime can swap vocabularies.
     """
     if precision not in THRESHOLDS:
         raise UserError(f"--precision {precision!r} is not known; choose fp32, fp16 or int8")
@@ -75,7 +76,7 @@ def export_bundle(clip: LoadedCLIP, vocab: Vocabulary, params: ResCLIPParams, ou
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", suffix=".tmp", dir=parent)
     try:
-        manifest = _build(clip, vocab, params, tmp, precision, text_input, progress)
+        manifest = _build(clip, vocab, params, tmp, precision, text_encoder, progress)
         os.chmod(tmp, 0o777 & ~current_umask())     # mkdtemp makes 0700; a bundle is shared data
         _replace_dir(tmp, out_dir)
     except BaseException:
@@ -98,6 +99,7 @@ def _replace_dir(tmp: str, out_dir: str) -> None:
 
 def _build(clip: LoadedCLIP, vocab: Vocabulary, params: ResCLIPParams, folder: str,
            precision: str, text_input: bool, progress) -> dict[str, Any]:
+    text_spec = _export_text_encoder(clip, vocab, folder) if text_input else None
     started = time.perf_counter()
     bank = text_bank(clip.model, clip.tokenizer, vocab.queries, progress=progress)
     bank_seconds = time.perf_counter() - started
@@ -136,6 +138,7 @@ def _build(clip: LoadedCLIP, vocab: Vocabulary, params: ResCLIPParams, folder: s
                        "mean": geometry.PIXEL_MEAN.tolist(), "std": geometry.PIXEL_STD.tolist()},
         "precision": precision,
         "text_bank": "input" if text_input else "constant",
+        "text_encoder": text_spec,
         "graphs": graphs,
         "versions": _versions(),
         "timings_s": {"text_bank": round(bank_seconds, 2)},
@@ -143,9 +146,32 @@ def _build(clip: LoadedCLIP, vocab: Vocabulary, params: ResCLIPParams, folder: s
     manifest["files"] = _file_entries(folder)
     _write_manifest(folder, manifest)
     manifest["verification"] = verify_bundle(folder, net, bank, vocab, params, precision)
+    if text_input:
+        manifest["verification"]["text_bank_max_abs_diff"] = _verify_text_bank(folder, bank,
+                                                                               vocab)
     manifest["timings_s"]["total"] = round(time.perf_counter() - started, 2)
     _write_manifest(folder, manifest)
     return manifest
+
+
+def _export_text_encoder(clip: LoadedCLIP, vocab: Vocabulary, folder: str) -> dict[str, Any]:
+    log.info("exporting text encoder and tokenizer")
+    tokenizer, spec = text_encoder_entry(clip.tokenizer, clip.model, vocab.queries)
+    tokenizer.save(os.path.join(folder, spec["tokenizer"]))
+    path = os.path.join(folder, spec["graph"])
+    export_text_encoder(clip.model, path)
+    onnx.checker.check_model(path, full_check=True)
+    return {**spec, **_graph_io(path), "opset": OPSET}
+
+
+def _verify_text_bank(folder: str, bank: np.ndarray, vocab: Vocabulary) -> float:
+    """The bank rebuilt by the runtime (tokenizer file + ONNX text encoder) vs torch's."""
+    runtime_bank = Segmenter.from_bundle(folder, device="cpu", classes=vocab).text
+    diff = float(np.abs(runtime_bank - bank).max())
+    if not diff <= 1e-4:
+        raise VerificationError(f"the ONNX text encoder's bank differs from torch's by {diff:.3g}"
+                                " (limit 1e-4)")
+    return diff
 
 
 def quantize_int8(path: str) -> None:

@@ -177,10 +177,8 @@ def _bundle_segmenter(bundle_dir: str, model_name: Optional[str], pretrained: Op
         raise UserError(f"{', '.join(given)} are fixed when the bundle is exported; re-export "
                         f"with resclip-export to change them (per run: --connectivity, "
                         "--prob-thd, --temp-thd)")
-    if classes is not None:
-        raise UserError("this bundle's vocabulary is fixed at export; re-export with "
-                        "resclip-export --classes ...")
-    return Segmenter.from_bundle(bundle_dir, device=device, threads=threads,
+    vocab = resolve_vocabulary(classes) if classes is not None else None
+    return Segmenter.from_bundle(bundle_dir, device=device, threads=threads, classes=vocab,
                                  **{k: overrides[k] for k in RUNTIME_SETTINGS})
 
 
@@ -207,11 +205,14 @@ def _progress(what: str) -> Callable[[int, int], None]:
               help="Bundle directory to write (e.g. models/ade20k).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32",
               show_default=True, help="Graph precision (fp16/int8: coming).")
+@click.option("--text-encoder/--no-text-encoder", default=False, show_default=True,
+              help="Also export the text tower and tokenizer, so resclip-segment --bundle can "
+                   "take --classes without torch.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle directory.")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
 @user_errors
 def export_main(model_name: str, pretrained: str, preset: Optional[str], classes: Optional[str],
-                outdir: str, precision: str, force: bool, quiet: bool,
+                outdir: str, precision: str, text_encoder: bool, force: bool, quiet: bool,
                 **overrides: Any) -> None:
     """Export a CLIP ViT + vocabulary as a verified ONNX bundle for resclip-segment --bundle."""
     _setup_logging(quiet)
@@ -228,7 +229,8 @@ def export_main(model_name: str, pretrained: str, preset: Optional[str], classes
         raise UserError(f"{outdir} exists; pass --force to replace it")
     start = time.perf_counter()
     clip = load_clip(model_name or "auto", pretrained)
-    manifest = export_bundle(clip, vocab, params, outdir, precision=precision, force=force,
+    manifest = export_bundle(clip, vocab, params, outdir, precision=precision,
+                             text_encoder=text_encoder, force=force,
                              progress=_progress("text bank prompts"))
     check = manifest["verification"]
     size = sum(f["bytes"] for f in manifest["files"].values())

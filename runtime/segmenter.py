@@ -12,11 +12,15 @@ from typing import Any, Optional
 
 import numpy as np
 import onnxruntime as ort
+from tokenizers import Tokenizer
 
 from resclip_deploy.bundle import TEXT_BANK_FILE, Bundle, read_bundle
 from resclip_deploy.errors import UserError
 from resclip_deploy.pipeline import SFRStep, segment_image, sfr_step
 from resclip_deploy.postprocess import Segmentation
+from resclip_deploy.vocab import Vocabulary
+
+from .text import TextEncoder
 
 log = logging.getLogger("resclip_deploy")
 
@@ -105,9 +109,14 @@ class Segmenter:
 
     @classmethod
     def from_bundle(cls, path: str, device: str = "auto", threads: Optional[int] = None,
-                    **overrides: Any) -> "Segmenter":
-        """``overrides``: runtime-side settings (connectivity, prob_thd, temp_thd); None = keep."""
+                    classes: Optional[Vocabulary] = None, **overrides: Any) -> "Segmenter":
+        """``classes``: a new vocabulary (needs a bundle exported with --text-encoder).
+        ``overrides``: runtime-side settings (connectivity, prob_thd, temp_thd); None = keep."""
         bundle = read_bundle(path)
+        spec = bundle.manifest.get("text_encoder")
+        if classes is not None and spec is None:
+            raise UserError(f"bundle {path} has a fixed vocabulary; to choose classes at run "
+                            "time re-export it with resclip-export --text-encoder")
         sessions: dict[str, ort.InferenceSession] = {}
         for name in bundle.manifest["graphs"]:
             sessions[name] = create_session(bundle.graph_file(name), device, threads)
@@ -117,7 +126,16 @@ class Segmenter:
         text = None
         if bundle.manifest["text_bank"] == "input":
             text = np.load(bundle.file(TEXT_BANK_FILE), allow_pickle=False)
-        return cls(bundle, sessions, text, {k: v for k, v in overrides.items() if v is not None})
+        if classes is not None:
+            encoder = TextEncoder(Tokenizer.from_file(bundle.file(spec["tokenizer"])),
+                                  create_session(bundle.file(spec["graph"]), device, threads),
+                                  spec)
+            text = encoder.bank(classes.queries)
+        segmenter = cls(bundle, sessions, text, {k: v for k, v in overrides.items()
+                                                 if v is not None})
+        if classes is not None:
+            segmenter.vocab = classes
+        return segmenter
 
     @property
     def providers(self) -> dict[str, list[str]]:

@@ -257,3 +257,66 @@ def test_reduced_precision_bundles_are_what_they_say_and_report_agreement(
     ref = load_case(case)
     agreement = (out.labels == ref["labels"]).mean()
     assert agreement >= (0.98 if precision == "fp16" else 0.85), agreement
+
+
+TRICKY = ["a photo of a café.", "  Multiple   SPACES\tand\nlines ", "rock'n'roll's", "t-shirt",
+          "H2O 42 3.14", "naïve Ünïcödé", "emoji 🐱 cat", "fish &amp; chips", "&lt;b&gt;",
+          "北京 tower", "über-straße", "it's", "PC/monitor", "...!!!???", "x" * 60]
+
+
+def test_tokenizer_file_equals_open_clip_on_every_preset_prompt():
+    import open_clip
+    from resclip_deploy.export.text import TEMPLATES, tokenize
+    from resclip_deploy.export.text_export import clip_bpe_tokenizer
+    from resclip_deploy.params import PRESETS
+    from resclip_deploy.runtime.text import encode_prompts
+    from resclip_deploy.textbank import prompts_for
+    from resclip_deploy.vocab import preset_vocabulary
+    simple = open_clip.SimpleTokenizer()
+    tok = clip_bpe_tokenizer(simple)
+    spec = {"context_length": 77, "sot": simple.sot_token_id, "eot": simple.eot_token_id}
+    prompts = TRICKY + [p for name in PRESETS
+                        for p in prompts_for(preset_vocabulary(name).queries, TEMPLATES)]
+    np.testing.assert_array_equal(encode_prompts(tok, spec, prompts), tokenize(simple, prompts))
+
+
+def test_text_encoder_bundle_takes_new_classes_without_torch(fixture_clip, tmp_path):
+    from resclip_deploy.export.bundle_export import export_bundle
+    from resclip_deploy.export.text import text_bank
+    from resclip_deploy.params import PRESETS
+    from resclip_deploy.vocab import parse_class_list, preset_vocabulary
+    out = tmp_path / "b"
+    manifest = export_bundle(fixture_clip, preset_vocabulary("voc20"), PRESETS["voc20"][0],
+                             str(out), text_encoder=True)
+    assert manifest["verification"]["text_bank_max_abs_diff"] <= 1e-4
+    assert {"text_encoder.onnx", "tokenizer.json", "text_bank.npy"} <= set(manifest["files"])
+    classes = "cat|kitten|tabby,sofa,wall,fish & chips"
+    code = (
+        "import sys, numpy as np\n"
+        "from resclip_deploy.runtime.segmenter import Segmenter\n"
+        "from resclip_deploy.vocab import parse_class_list\n"
+        f"seg = Segmenter.from_bundle({str(out)!r}, device='cpu', "
+        f"classes=parse_class_list({classes!r}))\n"
+        f"np.save({str(tmp_path / 'bank.npy')!r}, seg.text)\n"
+        "assert 'torch' not in sys.modules\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    vocab = parse_class_list(classes)
+    expected = text_bank(fixture_clip.model, fixture_clip.tokenizer, vocab.queries)
+    np.testing.assert_allclose(np.load(tmp_path / "bank.npy"), expected, rtol=0, atol=1e-5)
+    result = CliRunner().invoke(segment_main, [str(FIXTURES / "images" / "chelsea.png"), "-o",
+                                               str(tmp_path / "o"), "--bundle", str(out),
+                                               "--classes", classes, "--device", "cpu",
+                                               "--save-probs", "-q"])
+    assert result.exit_code == 0, result.output
+    with np.load(tmp_path / "o" / "chelsea.npz") as d:
+        assert d["probs"].shape == (4, 300, 451)
+        assert list(d["class_names"]) == ["cat", "sofa", "wall", "fish & chips"]
+
+
+def test_fixed_vocabulary_bundle_refuses_classes(bundle_for, tmp_path):
+    result = CliRunner().invoke(segment_main, [str(FIXTURES / "images" / "chelsea.png"), "-o",
+                                               str(tmp_path), "--bundle",
+                                               str(first_bundle(bundle_for)), "--classes",
+                                               "cat,dog"])
+    assert result.exit_code == 2 and "--text-encoder" in result.output

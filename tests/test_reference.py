@@ -145,8 +145,10 @@ def test_naclip_window_equals_the_literal_reference(grid):
 
 
 def test_text_context_truncation_is_exact(fixture_clip):
-    from resclip_deploy.export.text import encode_text_prefix, token_lengths, tokenize
+    from resclip_deploy.export.text import encode_text_prefix, tokenize
+    from resclip_deploy.textbank import token_lengths
     tokens = tokenize(fixture_clip.tokenizer, ["a photo of a cat.", "a tattoo of the sky."])
-    full = fixture_clip.model.encode_text(tokens)
-    cut = encode_text_prefix(fixture_clip.model, tokens[:, :int(token_lengths(tokens).max())])
+    full = fixture_clip.model.encode_text(torch.from_numpy(tokens))
+    cut = encode_text_prefix(fixture_clip.model,
+                             torch.from_numpy(tokens[:, :int(token_lengths(tokens).max())]))
     torch.testing.assert_close(cut, full, rtol=0, atol=1e-5)
