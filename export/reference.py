@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from resclip_deploy.params import ResCLIPParams
-from resclip_deploy.pipeline import segment_image, sfr_step
+from resclip_deploy.pipeline import Timings, segment_image, sfr_step
 from resclip_deploy.postprocess import Segmentation
 from resclip_deploy.vocab import Vocabulary
 
@@ -87,8 +87,10 @@ class ReferenceSegmenter:
         out.logits = self._numpy(logits).reshape(x.shape[0], -1, gh, gw)
         return out
 
-    def segment(self, rgb: np.ndarray) -> Segmentation:
+    def segment(self, rgb: np.ndarray, with_probs: bool = True) -> Segmentation:
         """RGB uint8 (H0, W0, 3) -> Segmentation at (H0, W0)."""
-        return segment_image(rgb, self.params, self.patch, self.vocab,
-                             lambda w: self.forward_windows(w).logits.reshape(
-                                 w.shape[0], len(self.vocab.queries), -1))
+        def run(windows: np.ndarray, times: Timings) -> np.ndarray:
+            with times("network"):
+                logits = self.forward_windows(windows).logits
+            return logits.reshape(windows.shape[0], logits.shape[1], -1)
+        return segment_image(rgb, self.params, self.patch, self.vocab, run, with_probs)

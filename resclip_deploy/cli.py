@@ -149,7 +149,7 @@ def segment_main(inputs: tuple[str, ...], outdir: str, bundle_dir: Optional[str]
     for path, stem in zip(files, stems):
         start = time.perf_counter()
         try:
-            seg = segmenter.segment(read_image(path))
+            seg = segmenter.segment(read_image(path), with_probs=save_probs)
         except UserError as e:
             click.echo(f"error: {e}", err=True)
             failed.append(path)

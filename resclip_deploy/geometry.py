@@ -84,17 +84,18 @@ def resize_bilinear(x: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
     return np.ascontiguousarray(resize_bilinear_hwc(x.transpose(1, 2, 0), out_hw).transpose(2, 0, 1))
 
 
-def merge_windows(window_logits: np.ndarray, boxes: np.ndarray,
-                  out_hw: tuple[int, int]) -> np.ndarray:
-    """(K, Q, h, w) per-window logits at window size -> (Q, H, W) per-pixel mean over windows."""
-    k, q = window_logits.shape[:2]
-    canvas = np.zeros((q, *out_hw), dtype=np.float32)
+def merge_windows(grids: np.ndarray, boxes: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
+    """(K, gh, gw, Q) per-window patch logits -> (H, W, Q) per-pixel mean over windows.
+
+    Each window's grid is first resized bilinearly to its own box size (SPEC §2).
+    """
+    canvas = np.zeros((*out_hw, grids.shape[3]), dtype=np.float32)
     count = np.zeros(out_hw, dtype=np.float32)
-    for logits, (y1, y2, x1, x2) in zip(window_logits, boxes):
-        canvas[:, y1:y2, x1:x2] += logits
+    for grid, (y1, y2, x1, x2) in zip(grids, boxes):
+        canvas[y1:y2, x1:x2] += resize_bilinear_hwc(grid, (int(y2 - y1), int(x2 - x1)))
         count[y1:y2, x1:x2] += 1
     assert count.min() > 0, "windows must cover the image"
-    canvas /= count
+    canvas /= count[:, :, None]
     return canvas
 
 

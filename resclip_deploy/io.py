@@ -120,6 +120,7 @@ def write_segmentation(outdir: str, stem: str, seg: Segmentation, save_probs: bo
     atomic_write(png, lambda f: f.write(data))
     written = [png]
     if save_probs:
+        assert seg.probs is not None, "probabilities were not computed"
         npz = os.path.join(outdir, f"{stem}.npz")
         atomic_write(npz, lambda f: np.savez_compressed(
             f, labels=seg.labels, probs=seg.probs.astype(np.float32),

@@ -6,10 +6,12 @@ windows, the SFR step between the two network halves, upsampling, merging and th
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -72,21 +74,42 @@ def sfr_step(prepass_logits: np.ndarray, windows: np.ndarray, params: ResCLIPPar
     return SFRStep(argmax, maxprob, patches, mats, np.stack([sfr.sfr_bias(m) for m in mats]))
 
 
-def segment_image(rgb: np.ndarray, params: ResCLIPParams, patch: int, vocab: Vocabulary,
-                  run_windows: Callable[[np.ndarray], np.ndarray]) -> Segmentation:
-    """RGB uint8 (H0, W0, 3) -> Segmentation at (H0, W0).
+class Timings(dict):
+    """Seconds per named stage; ``with times("encoder"): ...`` adds to a stage."""
 
-    ``run_windows``: (K, 3, h, w) normalised windows -> (K, Q, gh·gw) cosine logits.
+    @contextlib.contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[stage] = self.get(stage, 0.0) + time.perf_counter() - start
+
+
+WindowRunner = Callable[[np.ndarray, Timings], np.ndarray]
+
+
+def segment_image(rgb: np.ndarray, params: ResCLIPParams, patch: int, vocab: Vocabulary,
+                  run_windows: WindowRunner, with_probs: bool = True) -> Segmentation:
+    """RGB uint8 (H0, W0, 3) -> Segmentation at (H0, W0), with per-stage timings.
+
+    ``run_windows``: (K, 3, h, w) normalised windows, timings -> (K, Q, gh·gw) cosine logits.
     """
-    x = geometry.preprocess(rgb, params.short_side, params.long_side_max)
-    geometry.check_input_size(x.shape[1:], patch)
-    boxes = geometry.window_boxes(x.shape[1], x.shape[2], params.mode, params.crop, params.stride)
-    windows = geometry.crop_batch(x, boxes)
-    h, w = windows.shape[-2:]
-    logits = run_windows(windows)
-    k, q = logits.shape[:2]
-    grid = logits.reshape(k, q, h // patch, w // patch)
-    up = np.stack([geometry.resize_bilinear(g, (h, w)) for g in grid])
-    merged = geometry.merge_windows(up, boxes, x.shape[1:])
-    return finalize(merged, rgb.shape[:2], np.array(vocab.query_to_class), vocab.class_names,
-                    params.logit_scale, params.prob_thd)
+    times = Timings()
+    with times("preprocess"):
+        x = geometry.preprocess(rgb, params.short_side, params.long_side_max)
+        geometry.check_input_size(x.shape[1:], patch)
+        boxes = geometry.window_boxes(x.shape[1], x.shape[2], params.mode, params.crop,
+                                      params.stride)
+        windows = geometry.crop_batch(x, boxes)
+    logits = run_windows(windows, times)
+    with times("merge"):
+        k, q = logits.shape[:2]
+        gh, gw = windows.shape[2] // patch, windows.shape[3] // patch
+        grids = logits.transpose(0, 2, 1).reshape(k, gh, gw, q)
+        canvas = geometry.merge_windows(grids, boxes, x.shape[1:])
+    with times("output"):
+        seg = finalize(canvas, rgb.shape[:2], np.array(vocab.query_to_class), vocab.class_names,
+                       params.logit_scale, params.prob_thd, with_probs)
+    seg.timings = dict(times)
+    return seg

@@ -1,56 +1,108 @@
-"""From averaged query logits to class labels and probabilities (SPEC §2, output). numpy only."""
+"""From averaged query logits to class labels and probabilities (SPEC §2, output). numpy only.
+
+Works channel-last, (H, W, Q), so each pixel's queries are contiguous. Large outputs are made in
+query chunks (aligned to classes) so memory stays within a budget however big the image is;
+small ones take a single chunk.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 
-from .geometry import resize_bilinear
+from .geometry import resize_bilinear_hwc
+
+# Working memory for the full-resolution output, beyond the results themselves.
+OUTPUT_BUDGET_BYTES = 512 << 20
 
 
 @dataclass
 class Segmentation:
-    """labels: (H0, W0) int32 class index; probs: (C, H0, W0) float32 summing to 1 over C."""
+    """labels: (H0, W0) int32 class index; probs: (C, H0, W0) float32 summing to 1 over C (None
+    when not asked for); timings: seconds per stage."""
 
     labels: np.ndarray
-    probs: np.ndarray
+    probs: Optional[np.ndarray]
     class_names: tuple[str, ...]
+    timings: dict[str, float] = field(default_factory=dict)
 
 
-def softmax(x: np.ndarray, axis: int) -> np.ndarray:
-    e = np.exp(x - x.max(axis=axis, keepdims=True))
-    e /= e.sum(axis=axis, keepdims=True)
-    return e
+def class_starts(query_to_class: np.ndarray) -> np.ndarray:
+    """First query of each class; queries must be grouped by class (a Vocabulary's are)."""
+    q2c = np.asarray(query_to_class)
+    assert np.all(np.diff(q2c) >= 0), "queries must be ordered by class"
+    return np.flatnonzero(np.r_[True, q2c[1:] != q2c[:-1]])
 
 
-def class_probs(query_probs: np.ndarray, query_to_class: np.ndarray,
-                num_classes: int) -> np.ndarray:
-    """(Q, ...) query probabilities -> (C, ...) per class max over its synonyms."""
-    out = np.zeros((num_classes, *query_probs.shape[1:]), dtype=query_probs.dtype)
-    for q, c in enumerate(query_to_class):
-        np.maximum(out[c], query_probs[q], out=out[c])
-    return out
+def query_chunks(starts: np.ndarray, num_queries: int, max_queries: int) -> list[tuple[int, int]]:
+    """Split [0, Q) at class starts into runs of at most ``max_queries`` (a class that alone is
+    larger keeps a run of its own)."""
+    bounds = [*(int(b) for b in starts), num_queries]
+    chunks, begin = [], 0
+    for prev, end in zip(bounds[:-1], bounds[1:]):
+        if end - begin > max_queries and prev > begin:
+            chunks.append((begin, prev))
+            begin = prev
+    chunks.append((begin, num_queries))
+    return chunks
 
 
-def labels_from_probs(probs: np.ndarray, prob_thd: float) -> np.ndarray:
-    """(C, H, W) -> (H, W) int32 first argmax, 0 where the max probability < prob_thd."""
-    labels = probs.argmax(axis=0).astype(np.int32)
-    if prob_thd > 0:
-        labels[probs.max(axis=0) < prob_thd] = 0
-    return labels
+def finalize(canvas: np.ndarray, out_hw: tuple[int, int], query_to_class: np.ndarray,
+             class_names: tuple[str, ...], logit_scale: float, prob_thd: float,
+             with_probs: bool = True, budget: int = OUTPUT_BUDGET_BYTES) -> Segmentation:
+    """(H, W, Q) averaged cosine logits -> Segmentation at the original size ``out_hw``.
 
-
-def finalize(logits: np.ndarray, out_hw: tuple[int, int], query_to_class: np.ndarray,
-             class_names: tuple[str, ...], logit_scale: float, prob_thd: float) -> Segmentation:
-    """(Q, H, W) averaged cosine logits -> Segmentation at the original size ``out_hw``.
-
-    Bilinear to ``out_hw``, softmax(logit_scale·x) over queries, max over synonyms, first argmax
-    with the prob_thd rule, then renormalise the class probabilities to sum 1.
+    Bilinear to ``out_hw``, softmax(logit_scale·x) over queries, max over each class's synonyms,
+    first argmax, label 0 where the best class probability < prob_thd, then the class
+    probabilities renormalised to sum 1.
     """
-    full = resize_bilinear(logits, out_hw)
-    full *= np.float32(logit_scale)
-    probs = class_probs(softmax(full, axis=0), np.asarray(query_to_class), len(class_names))
-    labels = labels_from_probs(probs, prob_thd)
-    probs /= probs.sum(axis=0, keepdims=True)
+    h0, w0 = out_hw
+    q = canvas.shape[2]
+    starts = class_starts(query_to_class)
+    num_classes = len(class_names)
+    chunks = query_chunks(starts, q, max(1, budget // (h0 * w0 * 4 * 2)))
+    scale = np.float32(logit_scale)
+
+    def scaled(c0: int, c1: int) -> np.ndarray:
+        part = canvas[:, :, c0:c1]
+        if part.shape[:2] == tuple(out_hw):
+            return part * scale
+        part = resize_bilinear_hwc(part, out_hw)
+        part *= scale
+        return part
+
+    cached = scaled(0, q) if len(chunks) == 1 else None
+    # Without probabilities or a threshold, labels need no softmax: exp is monotonic.
+    softmax = with_probs or prob_thd > 0
+    if softmax:
+        peak = cached.max(axis=2) if cached is not None else \
+            np.max([scaled(c0, c1).max(axis=2) for c0, c1 in chunks], axis=0)
+    total = np.zeros((h0, w0), dtype=np.float32)
+    best = np.full((h0, w0), -np.inf, dtype=np.float32)
+    labels = np.zeros((h0, w0), dtype=np.int32)
+    probs = np.empty((num_classes, h0, w0), dtype=np.float32) if with_probs else None
+    for c0, c1 in chunks:
+        z = cached if cached is not None else scaled(c0, c1)
+        if softmax:
+            z -= peak[:, :, None]
+            np.exp(z, out=z)
+            total += z.sum(axis=2)
+        local = starts[(starts >= c0) & (starts < c1)]
+        # (H0, W0, classes): max over each class's synonyms (nothing to do without synonyms)
+        cls = z if len(local) == c1 - c0 else np.maximum.reduceat(z, local - c0, axis=2)
+        first = int(np.searchsorted(starts, c0))
+        arg = cls.argmax(axis=2)
+        top = np.take_along_axis(cls, arg[:, :, None], axis=2)[:, :, 0]
+        better = top > best                 # strict: an earlier chunk keeps its ties
+        np.copyto(labels, arg + first, where=better, casting="unsafe")
+        np.copyto(best, top, where=better)
+        if probs is not None:
+            probs[first:first + cls.shape[2]] = cls.transpose(2, 0, 1)
+    if prob_thd > 0:
+        labels[best / total < np.float32(prob_thd)] = 0
+    if probs is not None:
+        probs /= total
+        probs /= probs.sum(axis=0, keepdims=True)
     return Segmentation(labels, probs, tuple(class_names))

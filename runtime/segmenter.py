@@ -16,7 +16,7 @@ from tokenizers import Tokenizer
 
 from resclip_deploy.bundle import TEXT_BANK_FILE, Bundle, read_bundle
 from resclip_deploy.errors import UserError
-from resclip_deploy.pipeline import SFRStep, segment_image, sfr_step
+from resclip_deploy.pipeline import SFRStep, Timings, segment_image, sfr_step
 from resclip_deploy.postprocess import Segmentation
 from resclip_deploy.vocab import Vocabulary
 
@@ -151,19 +151,27 @@ class Segmenter:
         return dict(zip(names, session.run(names, {k: v for k, v in feeds.items()
                                                    if k in wanted})))
 
-    def forward_windows(self, windows: np.ndarray) -> tuple[np.ndarray, Optional[SFRStep]]:
+    def forward_windows(self, windows: np.ndarray, times: Optional[Timings] = None,
+                        ) -> tuple[np.ndarray, Optional[SFRStep]]:
         """(K, 3, h, w) float32 normalised windows -> (K, Q, N) patch cosine logits and the
         SFR step between the graphs (None without SFR)."""
+        times = Timings() if times is None else times
         windows = np.ascontiguousarray(windows, dtype=np.float32)
         if "segmenter" in self.sessions:
-            return self.run_graph("segmenter", {"pixels": windows})["logits"], None
-        enc = self.run_graph("encoder", {"pixels": windows})
-        step = sfr_step(enc["prepass_logits"], windows, self.params, self.patch)
-        return self.run_graph("head", {**enc, "sfr_bias": step.bias})["logits"], step
+            with times("encoder"):
+                return self.run_graph("segmenter", {"pixels": windows})["logits"], None
+        with times("encoder"):
+            enc = self.run_graph("encoder", {"pixels": windows})
+        with times("sfr"):
+            step = sfr_step(enc["prepass_logits"], windows, self.params, self.patch)
+        with times("head"):
+            return self.run_graph("head", {**enc, "sfr_bias": step.bias})["logits"], step
 
-    def run_windows(self, windows: np.ndarray) -> np.ndarray:
-        return self.forward_windows(windows)[0]
+    def run_windows(self, windows: np.ndarray, times: Optional[Timings] = None) -> np.ndarray:
+        return self.forward_windows(windows, times)[0]
 
-    def segment(self, rgb: np.ndarray) -> Segmentation:
-        """RGB uint8 (H0, W0, 3) -> Segmentation at (H0, W0)."""
-        return segment_image(rgb, self.params, self.patch, self.vocab, self.run_windows)
+    def segment(self, rgb: np.ndarray, with_probs: bool = True) -> Segmentation:
+        """RGB uint8 (H0, W0, 3) -> Segmentation at (H0, W0); ``with_probs=False`` skips the
+        (C, H0, W0) probabilities (labels only, less memory)."""
+        return segment_image(rgb, self.params, self.patch, self.vocab, self.run_windows,
+                             with_probs)

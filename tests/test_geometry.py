@@ -169,14 +169,19 @@ def test_resize_bilinear_does_not_alias_input():
 
 
 # ---------------------------------------------------------------------------------------------
-# merge_windows
+# merge_windows: (K, gh, gw, Q) grids, each resized to its box, averaged -> (H, W, Q)
+
+def merge_chw(logits, boxes, out_hw):
+    """Channel-first helper: (K, Q, h, w) window logits at box size -> (Q, H, W)."""
+    return geometry.merge_windows(logits.transpose(0, 2, 3, 1), boxes, out_hw).transpose(2, 0, 1)
+
 
 def test_merge_windows_two_overlapping_columns():
     boxes = np.array([[0, 3, 0, 3], [0, 3, 2, 5]])
     logits = np.zeros((2, 2, 3, 3), dtype=np.float32)
     logits[0, 0], logits[0, 1] = 1.0, -2.0
     logits[1, 0], logits[1, 1] = 3.0, 4.0
-    out = geometry.merge_windows(logits, boxes, (3, 5))
+    out = merge_chw(logits, boxes, (3, 5))
     want0 = np.array([[1, 1, 2, 3, 3]] * 3, dtype=np.float32)
     want1 = np.array([[-2, -2, 1, 4, 4]] * 3, dtype=np.float32)
     assert out.shape == (2, 3, 5)
@@ -189,7 +194,7 @@ def test_merge_windows_grid_of_four():
     boxes = np.array([[0, 3, 0, 3], [0, 3, 1, 4], [1, 4, 0, 3], [1, 4, 1, 4]])
     vals = np.array([1.0, 2.0, 4.0, 8.0], dtype=np.float32)
     logits = np.broadcast_to(vals[:, None, None, None], (4, 1, 3, 3)).copy()
-    out = geometry.merge_windows(logits, boxes, (4, 4))[0]
+    out = merge_chw(logits, boxes, (4, 4))[0]
     want = np.array([[1, 1.5, 1.5, 2],
                      [2.5, 3.75, 3.75, 5],
                      [2.5, 3.75, 3.75, 5],
@@ -202,7 +207,7 @@ def test_merge_windows_with_pixel_varying_logits():
     h, w, crop, stride = 7, 11, 5, 3
     boxes = geometry.window_boxes(h, w, "slide", crop, stride)
     logits = rng.standard_normal((len(boxes), 3, crop, crop)).astype(np.float32)
-    out = geometry.merge_windows(logits, boxes, (h, w))
+    out = merge_chw(logits, boxes, (h, w))
     total = np.zeros((3, h, w))
     count = np.zeros((h, w))
     for lg, (y1, y2, x1, x2) in zip(logits, boxes):
@@ -213,70 +218,66 @@ def test_merge_windows_with_pixel_varying_logits():
     np.testing.assert_allclose(out, total / count, rtol=1e-5, atol=1e-6)
 
 
+def test_merge_windows_resizes_each_grid_to_its_box():
+    rng = np.random.default_rng(1)
+    grids = rng.standard_normal((1, 2, 3, 4)).astype(np.float32)
+    out = geometry.merge_windows(grids, np.array([[0, 8, 0, 12]]), (8, 12))
+    np.testing.assert_allclose(out, geometry.resize_bilinear_hwc(grids[0], (8, 12)), rtol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------
-# postprocess
+# postprocess.finalize: (H, W, Q) logits -> labels, probs at the original size
 
-def test_class_probs_max_over_synonyms():
-    q = np.array([[0.1, 0.5], [0.4, 0.2], [0.3, 0.1], [0.2, 0.2]], dtype=np.float32)[:, :, None]
-    out = postprocess.class_probs(q, np.array([0, 0, 1, 0]), 2)
-    assert out.shape == (2, 2, 1)
-    np.testing.assert_array_equal(out[:, :, 0],
-                                  np.array([[0.4, 0.5], [0.3, 0.1]], dtype=np.float32))
-    assert out.dtype == np.float32
-    # query_to_class as the tuple a Vocabulary gives
-    out2 = postprocess.class_probs(q, (0, 0, 1, 0), 2)
-    np.testing.assert_array_equal(out, out2)
-
-
-def test_labels_from_probs_first_argmax_and_strict_threshold():
-    p = np.array([[0.3, 0.1, 0.2, 0.05],
-                  [0.3, 0.1, 0.5, 0.05],
-                  [0.4, 0.1, 0.3, 0.05]], dtype=np.float32)[:, None, :]   # (C=3, 1, 4)
-    # column 0: 0.3/0.3/0.4 -> 2; column 1: three-way tie -> first (0); column 2 -> 1
-    np.testing.assert_array_equal(postprocess.labels_from_probs(p, 0.0)[0], [2, 0, 1, 0])
-    # prob_thd = 0.1, strict rule: a max exactly equal to the threshold keeps its (non-zero) label
-    q = np.array([[0.05, 0.0], [np.float32(0.1), 0.0999], [0.02, 0.09]], dtype=np.float32)
-    q = q[:, :, None]                                            # (3, 2, 1)
-    labels = postprocess.labels_from_probs(q, 0.1)
-    assert labels.dtype == np.int32 and labels.shape == (2, 1)
-    assert labels[0, 0] == 1          # max == prob_thd (float32 0.1): not < thd, kept
-    assert labels[1, 0] == 0          # max 0.0999 < 0.1: background
-    # float64 input, exact 0.1
-    q64 = q.astype(np.float64)
-    q64[1, 0, 0] = 0.1
-    assert postprocess.labels_from_probs(q64, 0.1)[0, 0] == 1
-    # above threshold everywhere -> plain argmax
-    np.testing.assert_array_equal(postprocess.labels_from_probs(p, 0.25)[0], [2, 0, 1, 0])
+def reference_output(logits_chw, out_hw, q2c, num_classes, prob_thd):
+    """SPEC §2's output steps in float64, channel-first."""
+    full = geometry.resize_bilinear(logits_chw, out_hw).astype(np.float64) * 40
+    e = np.exp(full - full.max(axis=0))
+    e /= e.sum(axis=0)
+    cp = np.stack([e[q2c == c].max(axis=0) for c in range(num_classes)])
+    labels = cp.argmax(axis=0)
+    labels[cp.max(axis=0) < prob_thd] = 0
+    return labels, cp / cp.sum(axis=0)
 
 
-def test_finalize_shapes_and_normalisation():
+def finalize_chw(logits, out_hw, q2c, names, prob_thd, **kw):
+    return postprocess.finalize(logits.transpose(1, 2, 0), out_hw, q2c, names, 40.0, prob_thd,
+                                **kw)
+
+
+@pytest.mark.parametrize("budget", [postprocess.OUTPUT_BUDGET_BYTES, 20 * 31 * 4 * 2 * 2])
+def test_finalize_shapes_normalisation_and_chunking(budget):
     rng = np.random.default_rng(4)
     q2c = np.array([0, 0, 1, 2, 2, 2, 3])
     names = ("background", "cat", "dog", "sky")
     logits = rng.uniform(-0.3, 0.3, (len(q2c), 9, 13)).astype(np.float32)
-    seg = postprocess.finalize(logits, (20, 31), q2c, names, 40.0, 0.0)
+    seg = finalize_chw(logits, (20, 31), q2c, names, 0.0, budget=budget)
     assert seg.labels.shape == (20, 31) and seg.labels.dtype == np.int32
     assert seg.probs.shape == (4, 20, 31) and seg.probs.dtype == np.float32
     assert seg.class_names == names
     np.testing.assert_allclose(seg.probs.sum(axis=0), 1.0, rtol=0, atol=1e-5)
-    assert (seg.probs >= 0).all()
-    # independent recomputation
-    full = geometry.resize_bilinear(logits, (20, 31)).astype(np.float64) * 40
-    e = np.exp(full - full.max(axis=0))
-    e /= e.sum(axis=0)
-    cp = np.stack([e[q2c == c].max(axis=0) for c in range(4)])
-    np.testing.assert_array_equal(seg.labels, cp.argmax(axis=0))
-    np.testing.assert_allclose(seg.probs, cp / cp.sum(axis=0), rtol=1e-4, atol=1e-6)
+    labels, probs = reference_output(logits, (20, 31), q2c, 4, 0.0)
+    np.testing.assert_array_equal(seg.labels, labels)
+    np.testing.assert_allclose(seg.probs, probs, rtol=1e-4, atol=1e-6)
+    labels_only = finalize_chw(logits, (20, 31), q2c, names, 0.0, with_probs=False, budget=budget)
+    assert labels_only.probs is None
+    np.testing.assert_array_equal(labels_only.labels, labels)
+
+
+def test_query_chunks_follow_class_boundaries():
+    starts = np.array([0, 2, 3, 6])
+    assert postprocess.query_chunks(starts, 7, 100) == [(0, 7)]
+    assert postprocess.query_chunks(starts, 7, 3) == [(0, 3), (3, 6), (6, 7)]
+    assert postprocess.query_chunks(starts, 7, 1) == [(0, 2), (2, 3), (3, 6), (6, 7)]
 
 
 def test_finalize_prob_thd():
     # uniform logits over 4 single-synonym classes -> every class prob 0.25
     logits = np.zeros((4, 3, 3), dtype=np.float32)
     names = ("a", "b", "c", "d")
-    seg = postprocess.finalize(logits, (5, 4), np.arange(4), names, 40.0, 0.3)
+    seg = finalize_chw(logits, (5, 4), np.arange(4), names, 0.3)
     assert (seg.labels == 0).all()
     logits[2] = 0.1   # class 2 wins clearly
-    seg = postprocess.finalize(logits, (5, 4), np.arange(4), names, 40.0, 0.3)
+    seg = finalize_chw(logits, (5, 4), np.arange(4), names, 0.3)
     assert (seg.labels == 2).all()
     np.testing.assert_allclose(seg.probs.sum(axis=0), 1.0, atol=1e-5)
     # the threshold applies to the synonym-max probabilities BEFORE renormalisation:
@@ -284,11 +285,24 @@ def test_finalize_prob_thd():
     # and is background, although its renormalised probability is 0.28 / 0.52 = 0.54
     logits = np.zeros((4, 2, 2), dtype=np.float32)
     logits[3] = np.log(7 / 6) / 40
-    seg = postprocess.finalize(logits, (2, 3), np.array([0, 0, 0, 1]), ("x", "y"), 40.0, 0.3)
-    assert (seg.labels == 0).all()
-    np.testing.assert_allclose(seg.probs[1], 0.28 / 0.52, rtol=1e-4)
-    seg = postprocess.finalize(logits, (2, 3), np.array([0, 0, 0, 1]), ("x", "y"), 40.0, 0.27)
+    for with_probs in (True, False):
+        seg = finalize_chw(logits, (2, 3), np.array([0, 0, 0, 1]), ("x", "y"), 0.3,
+                           with_probs=with_probs)
+        assert (seg.labels == 0).all()
+    np.testing.assert_allclose(
+        finalize_chw(logits, (2, 3), np.array([0, 0, 0, 1]), ("x", "y"), 0.3).probs[1],
+        0.28 / 0.52, rtol=1e-4)
+    seg = finalize_chw(logits, (2, 3), np.array([0, 0, 0, 1]), ("x", "y"), 0.27)
     assert (seg.labels == 1).all()
+
+
+def test_finalize_first_argmax_on_ties():
+    logits = np.zeros((3, 2, 2), dtype=np.float32)
+    logits[1] = logits[2] = 0.5
+    for with_probs in (True, False):
+        seg = finalize_chw(logits, (2, 2), np.arange(3), ("a", "b", "c"), 0.0,
+                           with_probs=with_probs)
+        assert (seg.labels == 1).all()
 
 
 @pytest.mark.parametrize("name", CASE_NAMES)
@@ -297,11 +311,10 @@ def test_postprocess_matches_fixture_samples(name):
     case = CASE_BY_NAME[name]
     logits_at = _npz(name, "logits_at")                       # (S, Q)
     q2c = _npz(name, "query_idx").astype(np.int64)
-    probs = postprocess.class_probs(postprocess.softmax(
-        np.float32(case["logit_scale"]) * logits_at.T, axis=0), q2c, case["num_classes"])
-    labels = postprocess.labels_from_probs(probs, case["prob_thd"])
+    names = tuple(str(i) for i in range(case["num_classes"]))
+    seg = postprocess.finalize(logits_at[None], (1, len(logits_at)), q2c, names,
+                               case["logit_scale"], case["prob_thd"])
     yx = _npz(name, "sample_yx")
     want_labels = _npz(name, "labels")[yx[:, 0], yx[:, 1]]
-    np.testing.assert_array_equal(labels, want_labels)
-    np.testing.assert_allclose((probs / probs.sum(axis=0)).T, _npz(name, "probs_at"),
-                               rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(seg.labels[0], want_labels)
+    np.testing.assert_allclose(seg.probs[:, 0].T, _npz(name, "probs_at"), rtol=0, atol=1e-5)
