@@ -54,8 +54,7 @@ class VerificationError(RuntimeError):
 
 def verification_photo() -> np.ndarray:
     """A real photo shipped with the package (CC0, scikit-image's 'chelsea')."""
-    with resources.as_file(resources.files("resclip_deploy.export") / "data" / "chelsea.png") \
-            as path:
+    with resources.as_file(resources.files("resclip_deploy") / "data" / "chelsea.png") as path:
         return read_image(str(path))
 
 
@@ -120,8 +119,8 @@ def _build(clip: LoadedCLIP, vocab: Vocabulary, params: ResCLIPParams, folder: s
             quantize_int8(path)
         onnx.checker.check_model(path, full_check=True)
         graphs[name] = {"file": f"{name}.onnx", "opset": OPSET, **_graph_io(path)}
-    if text_input:
-        np.save(os.path.join(folder, TEXT_BANK_FILE), bank)
+    # Always kept: the bank the graphs were built with (an input of them with --text-encoder).
+    np.save(os.path.join(folder, TEXT_BANK_FILE), bank)
     manifest = {
         "schema": SCHEMA_VERSION,
         "format": "resclip-deploy bundle",

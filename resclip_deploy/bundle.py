@@ -2,7 +2,8 @@
 
 Export writes bundles through this module and the runtime reads them only through it, so names
 and shapes are declared once here. A bundle is a directory: ``manifest.json`` + ONNX graphs
-(+ ``text_bank.npy`` when the bank is a graph input). torch-free.
++ ``text_bank.npy``, the text bank the graphs were built with (their input with --text-encoder,
+a constant inside them otherwise). torch-free.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 
@@ -22,18 +22,29 @@ from .postprocess import Segmentation, finalize
 from .vocab import Vocabulary
 
 
-def prepass_probs(logits: np.ndarray, image: np.ndarray,
-                  logit_scale: float) -> tuple[np.ndarray, np.ndarray]:
+def prepass_probs(logits: np.ndarray, image: np.ndarray, logit_scale: float,
+                  pool: Optional[ThreadPoolExecutor], blocks: int) -> tuple[np.ndarray, np.ndarray]:
     """SFR pre-pass of one window (SPEC §5): (Q, gh, gw) logits, (3, h, w) normalised window ->
     (h, w) int64 argmax query and (h, w) float32 its probability.
 
     Bilinear to the window size, PAMR guided by the window, softmax(logit_scale·x) over queries.
+    PAMR runs on ``blocks`` column blocks of queries, in parallel on ``pool`` when given (scipy
+    releases the GIL): how a single window (whole-image mode) uses every core.
     """
     q = logits.shape[0]
     h, w = image.shape[1:]
     up = geometry.resize_bilinear_hwc(logits.transpose(1, 2, 0), (h, w)).reshape(h * w, q)
-    refined = pamr(up, affinity_matrix(image, PAMR_DILATIONS), PAMR_ITERATIONS)
-    z = refined * np.float32(logit_scale)
+    affinity = affinity_matrix(image, PAMR_DILATIONS)
+    refined = np.empty_like(up)
+
+    def refine(cols: np.ndarray) -> None:
+        block = np.ascontiguousarray(up[:, cols[0]:cols[-1] + 1])
+        refined[:, cols[0]:cols[-1] + 1] = pamr(block, affinity, PAMR_ITERATIONS)
+
+    parts = [c for c in np.array_split(np.arange(q), blocks) if c.size]
+    list(pool.map(refine, parts) if pool is not None else map(refine, parts))
+    z = refined
+    z *= np.float32(logit_scale)
     z -= z.max(axis=1, keepdims=True)
     np.exp(z, out=z)
     z /= z.sum(axis=1, keepdims=True)
@@ -55,16 +66,18 @@ class SFRStep:
 
 def sfr_step(prepass_logits: np.ndarray, windows: np.ndarray, params: ResCLIPParams,
              patch: int) -> SFRStep:
-    """(K, Q, N) pre-pass logits, (K, 3, h, w) windows -> :class:`SFRStep`.
-
-    Windows run in parallel threads (scipy's sparse product and numpy release the GIL).
-    """
+    """(K, Q, N) pre-pass logits, (K, 3, h, w) windows -> :class:`SFRStep`."""
     k, q = prepass_logits.shape[:2]
     gh, gw = windows.shape[2] // patch, windows.shape[3] // patch
     grids = prepass_logits.reshape(k, q, gh, gw)
-    with ThreadPoolExecutor(max_workers=max(1, min(k, os.cpu_count() or 1))) as pool:
-        pre = list(pool.map(lambda i: prepass_probs(grids[i], windows[i], params.logit_scale),
-                            range(k)))
+    workers = max(1, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        if k >= workers:    # windows in parallel: one whole window per thread is fastest
+            pre = list(pool.map(lambda i: prepass_probs(grids[i], windows[i],
+                                                        params.logit_scale, None, 1), range(k)))
+        else:               # fewer windows than cores: split each window's queries
+            pre = [prepass_probs(grids[i], windows[i], params.logit_scale, pool, workers // k)
+                   for i in range(k)]
     argmax = np.stack([a for a, _ in pre])
     maxprob = np.stack([m for _, m in pre])
     labels = sfr.pixel_labels(argmax, maxprob, params.temp_thd)

@@ -45,6 +45,9 @@ def create_session(path: str, device: str, threads: Optional[int]) -> ort.Infere
     if device not in DEVICES:
         raise UserError(f"--device {device!r} is not known; choose one of {', '.join(DEVICES)}")
     options = ort.SessionOptions()
+    # The CPU arena keeps every activation's peak reserved: ~0.5 GB more for ViT-B/16 and six
+    # windows, at no measured speed gain here (0.51 s vs 0.57 s per encoder run).
+    options.enable_cpu_mem_arena = False
     if threads:
         options.intra_op_num_threads = threads
     available = ort.get_available_providers()
@@ -118,9 +121,13 @@ class Segmenter:
             raise UserError(f"bundle {path} has a fixed vocabulary; to choose classes at run "
                             "time re-export it with resclip-export --text-encoder")
         sessions: dict[str, ort.InferenceSession] = {}
-        for name in bundle.manifest["graphs"]:
+        # Smallest graph first: 'auto' probes GPU providers on it (a failed probe still parses
+        # the graph), then every other graph goes straight to the provider that bound.
+        graphs = sorted(bundle.manifest["graphs"],
+                        key=lambda g: bundle.manifest["files"][bundle.manifest["graphs"][g]["file"]]["bytes"])
+        for name in graphs:
             sessions[name] = create_session(bundle.graph_file(name), device, threads)
-            device = _device_of(sessions[name])     # 'auto' is decided once, by the first graph
+            device = _device_of(sessions[name])
         for name, session in sessions.items():
             log.info("%s graph on %s", name, ", ".join(session.get_providers()))
         text = None

@@ -83,7 +83,8 @@ def first_bundle(bundle_for):
 def test_manifest_records_files_settings_source_and_io(bundle_for):
     bundle = first_bundle(bundle_for)
     manifest = json.loads((bundle / "manifest.json").read_text())
-    assert set(manifest["files"]) == {"encoder.onnx", "head.onnx"}
+    assert set(manifest["files"]) == {"encoder.onnx", "head.onnx", "text_bank.npy"}
+    assert manifest["text_bank"] == "constant"
     assert manifest["source"]["sha256"] == json.loads(
         (FIXTURES / "parity" / "cases.json").read_text())["weights"]["rand-vit16-w192.pt"]["sha256"]
     assert manifest["params"]["connectivity"] == "reference"

@@ -1,0 +1,42 @@
+"""Time the torch reference on one image with a bundle's settings (run by resclip-bench in a
+subprocess, so the runtime's peak memory is measured without torch). Prints one JSON line."""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import sys
+import time
+
+import numpy as np
+
+from resclip_deploy.bundle import TEXT_BANK_FILE, read_bundle
+from resclip_deploy.io import read_image
+
+from .clip_loader import load_clip
+from .reference import ReferenceSegmenter
+
+
+def main(argv: list[str]) -> None:
+    args = json.loads(argv[0])
+    bundle = read_bundle(args["bundle"])
+    source = bundle.manifest["source"]
+    clip = load_clip(source["model"], source.get("file") or source["pretrained"])
+    bank = np.load(bundle.file(TEXT_BANK_FILE), allow_pickle=False)
+    seg = ReferenceSegmenter(clip.model.visual, bank, bundle.vocabulary, bundle.params)
+    rgb = read_image(args["image"]) if "image" in args else np.load(args["array"])
+    totals, stages = [], []
+    for _ in range(args["runs"]):
+        start = time.perf_counter()
+        out = seg.segment(rgb, with_probs=False)
+        totals.append(time.perf_counter() - start)
+        stages.append(out.timings)
+    print(json.dumps({"total_s": statistics.median(totals),
+                      "stages_s": {k: statistics.median(s[k] for s in stages) for k in stages[0]},
+                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    np.save(args["labels_out"], out.labels)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,183 @@
+"""resclip-bench: where the time goes, per stage, against the torch reference in the same run.
+
+The runtime is timed in this process (no torch imported, so its peak memory is the runtime's);
+the torch reference runs on the same image in a subprocess. Medians over --runs after a warm-up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import resources
+from typing import Any, Optional
+
+import click
+import cv2
+import numpy as np
+
+from . import geometry
+from .cli import _setup_logging, run_command, user_errors
+from .errors import UserError
+from .io import read_image
+
+STAGES = ("preprocess", "encoder", "sfr", "head", "merge", "output")
+
+
+def bench_photo(size: Optional[tuple[int, int]]) -> np.ndarray:
+    """The package's photo (CC0 'chelsea'), resized to ``size`` (H, W) when given."""
+    with resources.as_file(resources.files("resclip_deploy") / "data" / "chelsea.png") as path:
+        rgb = read_image(str(path))
+    if size is None:
+        return rgb
+    return cv2.resize(rgb, (size[1], size[0]), interpolation=cv2.INTER_AREA)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024     # Linux: KiB
+
+
+def time_runtime(segmenter: Any, rgb: np.ndarray, runs: int, warmup: int) -> dict[str, Any]:
+    for _ in range(warmup):
+        segmenter.segment(rgb, with_probs=False)
+    totals, stages = [], []
+    for _ in range(runs):
+        start = time.perf_counter()
+        out = segmenter.segment(rgb, with_probs=False)
+        totals.append(time.perf_counter() - start)
+        stages.append(out.timings)
+    return {"total_s": statistics.median(totals),
+            "stages_s": {k: statistics.median(s.get(k, 0.0) for s in stages) for k in STAGES},
+            "labels": out.labels}
+
+
+def window_sweep(segmenter: Any, rgb: np.ndarray, counts: tuple[int, ...],
+                 runs: int) -> list[dict[str, float]]:
+    """Graphs + SFR for K windows of the image (repeated if it has fewer): linear in K?"""
+    p = segmenter.params
+    x = geometry.preprocess(rgb, p.short_side, p.long_side_max)
+    boxes = geometry.window_boxes(x.shape[1], x.shape[2], "slide", p.crop, p.stride)
+    windows = geometry.crop_batch(x, boxes)
+    rows = []
+    for k in counts:
+        batch = windows[np.arange(k) % len(windows)]
+        segmenter.run_windows(batch)
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            segmenter.run_windows(batch)
+            times.append(time.perf_counter() - start)
+        t = statistics.median(times)
+        rows.append({"windows": k, "seconds": t, "seconds_per_window": t / k})
+    return rows
+
+
+def time_reference(bundle: str, rgb: np.ndarray, runs: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        array, labels = os.path.join(tmp, "rgb.npy"), os.path.join(tmp, "labels.npy")
+        np.save(array, rgb)
+        args = json.dumps({"bundle": bundle, "array": array, "runs": runs,
+                           "labels_out": labels})
+        result = subprocess.run([sys.executable, "-m", "resclip_deploy.export.bench_reference",
+                                 args], capture_output=True, text=True)
+        if result.returncode != 0:
+            tail = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise UserError(f"the torch reference did not run ({tail}); it needs the [export] "
+                            "extra and the bundle's source checkpoint")
+        out = json.loads(result.stdout.strip().splitlines()[-1])
+        out["labels"] = np.load(labels)
+    return out
+
+
+def table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                               for i, (c, w) in enumerate(zip(r, widths))) for r in rows)
+
+
+def _size(value: Optional[str]) -> Optional[tuple[int, int]]:
+    if value is None:
+        return None
+    try:
+        h, w = (int(v) for v in value.lower().split("x"))
+    except ValueError:
+        raise UserError(f"--size {value!r}: give HEIGHTxWIDTH, e.g. 336x448") from None
+    if h < 1 or w < 1:
+        raise UserError(f"--size {value!r}: both sides must be positive")
+    return h, w
+
+
+@click.command("resclip-bench", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--bundle", "bundle_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--image", default=None, help="Image to time (default: the package's photo).")
+@click.option("--size", default=None, help="Resize the image to HEIGHTxWIDTH first, e.g. 336x448.")
+@click.option("--runs", type=int, default=5, show_default=True)
+@click.option("--warmup", type=int, default=1, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto|cpu|cuda|tensorrt")
+@click.option("--threads", type=int, default=None, help="CPU threads for ONNX Runtime.")
+@click.option("--reference/--no-reference", default=True, show_default=True,
+              help="Also time the torch reference on the same image (subprocess).")
+@click.option("--reference-runs", type=int, default=1, show_default=True)
+@click.option("--sweep", is_flag=True, help="Also time 1, 2, 4, 8 windows (linearity).")
+@click.option("--json", "json_out", default=None, help="Write the results as JSON here.")
+@user_errors
+def bench_main(bundle_dir: str, image: Optional[str], size: Optional[str], runs: int,
+               warmup: int, device: str, threads: Optional[int], reference: bool,
+               reference_runs: int, sweep: bool, json_out: Optional[str]) -> None:
+    """Time a bundle per stage against the torch reference; report peak memory."""
+    _setup_logging(quiet=True)
+    from .runtime.segmenter import Segmenter
+    hw = _size(size)
+    rgb = read_image(image) if image else bench_photo(hw)
+    if image and hw:
+        rgb = cv2.resize(rgb, (hw[1], hw[0]), interpolation=cv2.INTER_AREA)
+    segmenter = Segmenter.from_bundle(bundle_dir, device=device, threads=threads)
+    p = segmenter.params
+    x_hw = geometry.keep_ratio_size(*rgb.shape[:2], p.short_side, p.long_side_max)
+    n_windows = len(geometry.window_boxes(*x_hw, p.mode, p.crop, p.stride))
+    ours = time_runtime(segmenter, rgb, runs, warmup)
+    report: dict[str, Any] = {
+        "bundle": os.path.abspath(bundle_dir), "image_hw": list(rgb.shape[:2]),
+        "input_hw": list(x_hw), "windows": n_windows, "mode": p.mode,
+        "queries": len(segmenter.vocab.queries), "precision": segmenter.bundle.manifest["precision"],
+        "providers": segmenter.providers, "runs": runs,
+        "runtime": {"total_s": ours["total_s"], "stages_s": ours["stages_s"],
+                    "peak_rss_mb": peak_rss_mb()}}
+    if sweep:
+        report["sweep"] = window_sweep(segmenter, rgb, (1, 2, 4, 8), max(1, runs // 2))
+    rows = [("stage", "runtime s", *(("reference s",) if reference else ()))]
+    if reference:
+        ref = time_reference(bundle_dir, rgb, reference_runs)
+        report["reference"] = {k: ref[k] for k in ("total_s", "stages_s", "peak_rss_mb")}
+        report["speedup"] = ref["total_s"] / ours["total_s"]
+        report["labels_agreement"] = float((ref["labels"] == ours["labels"]).mean())
+    for stage in STAGES:
+        rows.append((stage, f"{ours['stages_s'][stage]:.3f}",
+                     *(("",) if reference else ())))
+    rows.append(("total", f"{ours['total_s']:.3f}",
+                 *((f"{report['reference']['total_s']:.3f}",) if reference else ())))
+    rows.append(("peak RSS MB", f"{report['runtime']['peak_rss_mb']:.0f}",
+                 *((f"{report['reference']['peak_rss_mb']:.0f}",) if reference else ())))
+    click.echo(f"{os.path.basename(os.path.abspath(bundle_dir))}: {rgb.shape[0]}x{rgb.shape[1]} "
+               f"image -> {x_hw[0]}x{x_hw[1]} input, {n_windows} window(s), "
+               f"{report['queries']} queries, {report['precision']}, "
+               f"{', '.join(segmenter.providers[next(iter(segmenter.providers))])}")
+    click.echo(table(rows))
+    if reference:
+        click.echo(f"reference / runtime: {report['speedup']:.1f}x faster; labels agree "
+                   f"{100 * report['labels_agreement']:.2f} %")
+    for row in report.get("sweep", []):
+        click.echo(f"{row['windows']} window(s): {row['seconds']:.3f} s "
+                   f"({row['seconds_per_window']:.3f} s/window)")
+    if json_out:
+        with open(json_out, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=1)
+
+
+def bench_entry() -> None:
+    run_command(bench_main)
