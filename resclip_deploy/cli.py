@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -19,6 +20,10 @@ log = logging.getLogger("resclip_deploy")
 
 EXIT_BAD_INPUT = 2      # nothing was done: settings, vocabulary or model unusable
 EXIT_SOME_FAILED = 1    # some inputs failed; the others were written
+SUMMARY = "summary.json"
+# Settings echoed in the summary: the ones a run may change, and the ones that explain it.
+RUNTIME_ECHO = ("connectivity", "prob_thd", "temp_thd", "method", "rcs", "sfr", "mode",
+                "short_side")
 
 
 def resolve_settings(preset: Optional[str], classes: Optional[str],
@@ -121,16 +126,23 @@ def _setup_logging(quiet: bool) -> None:
 @click.option("--device", default="auto", show_default=True,
               help="--bundle: auto|cpu|cuda|tensorrt (auto: TensorRT, CUDA, then CPU). "
                    "--reference: a torch device (auto: cuda if present, else cpu).")
+@click.option("--overlay/--no-overlay", default=True, show_default=True,
+              help="Also write <stem>_overlay.jpg: the photo, class colours and a legend.")
 @click.option("--threads", type=int, default=None, help="CPU threads for ONNX Runtime.")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
 @user_errors
 def segment_main(inputs: tuple[str, ...], outdir: str, bundle_dir: Optional[str],
                  reference: bool, model_name: Optional[str], pretrained: Optional[str],
                  preset: Optional[str], classes: Optional[str], save_probs: bool, device: str,
-                 threads: Optional[int], quiet: bool, **overrides: Any) -> None:
-    """Segment images (files, folders, globs) into OUTDIR."""
+                 overlay: bool, threads: Optional[int], quiet: bool, **overrides: Any) -> None:
+    """Segment images (files, folders, globs) into OUTDIR.
+
+    Writes <stem>.png label maps, <stem>_overlay.jpg, <stem>.npz with --save-probs, and
+    summary.json (per image: size, seconds, class pixel fractions; the settings used).
+    """
     _setup_logging(quiet)
-    from .io import expand_inputs, output_stems, read_image, write_segmentation
+    from .io import (expand_inputs, image_summary, output_stems, read_image, write_json,
+                     write_overlay, write_segmentation)
 
     if reference == (bundle_dir is not None):
         raise UserError("choose one pipeline: --bundle DIR (ONNX, from resclip-export) or "
@@ -145,22 +157,40 @@ def segment_main(inputs: tuple[str, ...], outdir: str, bundle_dir: Optional[str]
         segmenter = _reference_segmenter(model_name or "auto", pretrained, vocab, params, device)
     files = expand_inputs(inputs)
     stems = output_stems(files)
-    failed = []
-    for path, stem in zip(files, stems):
-        start = time.perf_counter()
-        try:
-            seg = segmenter.segment(read_image(path), with_probs=save_probs)
-        except UserError as e:
-            click.echo(f"error: {e}", err=True)
-            failed.append(path)
-            continue
-        written = write_segmentation(outdir, stem, seg, save_probs)
-        log.info("%s -> %s (%dx%d, %.2f s)", path, ", ".join(written), seg.labels.shape[1],
-                 seg.labels.shape[0], time.perf_counter() - start)
+    runs: list[dict[str, Any]] = []
+    failed: list[dict[str, str]] = []
+    bar = click.progressbar(list(zip(files, stems)), label="segmenting", file=sys.stderr,
+                            show_pos=True) \
+        if len(files) > 1 and not quiet else contextlib.nullcontext(list(zip(files, stems)))
+    with bar as items:
+        for path, stem in items:
+            start = time.perf_counter()
+            try:
+                rgb = read_image(path)
+                seg = segmenter.segment(rgb, with_probs=save_probs)
+            except UserError as e:
+                click.echo(f"\nerror: {e}" if len(files) > 1 and not quiet else f"error: {e}",
+                           err=True)
+                failed.append({"input": path, "error": str(e)})
+                continue
+            written = write_segmentation(outdir, stem, seg, save_probs)
+            if overlay:
+                written.append(write_overlay(outdir, stem, rgb, seg))
+            runs.append(image_summary(path, written, seg, time.perf_counter() - start))
+            if len(files) == 1:
+                log.info("%s -> %s (%dx%d, %.2f s)", path, ", ".join(written),
+                         seg.labels.shape[1], seg.labels.shape[0], runs[-1]["seconds"])
+    summary = {"pipeline": "bundle" if bundle_dir else "reference",
+               "bundle": os.path.abspath(bundle_dir) if bundle_dir else None,
+               "settings": {k: getattr(segmenter.params, k) for k in RUNTIME_ECHO},
+               "providers": getattr(segmenter, "providers", None),
+               "images": runs, "failed": failed}
+    write_json(os.path.join(outdir, SUMMARY), summary)
+    log.info("%d image(s) written to %s (summary: %s)", len(runs), outdir, SUMMARY)
     if failed:
         if len(files) > 1:
             click.echo(f"error: {len(failed)} of {len(files)} inputs failed: "
-                       f"{', '.join(failed)}", err=True)
+                       f"{', '.join(f['input'] for f in failed)}", err=True)
         sys.exit(EXIT_SOME_FAILED)
 
 

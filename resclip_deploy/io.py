@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import io
+import json
 import os
 import tempfile
 from typing import Callable, Iterable
@@ -127,3 +128,33 @@ def write_segmentation(outdir: str, stem: str, seg: Segmentation, save_probs: bo
             class_names=np.array(seg.class_names)))
         written.append(npz)
     return written
+
+
+def write_overlay(outdir: str, stem: str, rgb: np.ndarray, seg: Segmentation) -> str:
+    """<stem>_overlay.jpg: the photo blended with class colours, plus a legend of the classes
+    present. Returns its path."""
+    from .overlay import overlay
+    path = os.path.join(outdir, f"{stem}_overlay.jpg")
+    image = cv2.cvtColor(overlay(rgb, seg.labels, seg.class_names), cv2.COLOR_RGB2BGR)
+    ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    assert ok, "JPEG encoding of an overlay cannot fail"
+    atomic_write(path, lambda f: f.write(buf.tobytes()))
+    return path
+
+
+def image_summary(path: str, written: list[str], seg: Segmentation,
+                  seconds: float) -> dict:
+    """One image's entry of summary.json."""
+    from .overlay import class_fractions
+    fractions = class_fractions(seg.labels, len(seg.class_names))
+    return {"input": path, "outputs": written, "size": list(seg.labels.shape),
+            "seconds": round(seconds, 4),
+            "stages": {k: round(v, 4) for k, v in seg.timings.items()},
+            "classes": {seg.class_names[c]: round(f, 6) for c, f in
+                        sorted(fractions.items(), key=lambda kv: -kv[1])}}
+
+
+def write_json(path: str, data: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    text = json.dumps(data, indent=1, default=str).encode("utf-8")
+    atomic_write(path, lambda f: f.write(text))
