@@ -14,8 +14,10 @@ import numpy as np
 
 from .geometry import resize_bilinear_hwc
 
-# Working memory for the full-resolution output, beyond the results themselves.
-OUTPUT_BUDGET_BYTES = 512 << 20
+# Working memory for the full-resolution output, beyond the results themselves: the resized
+# logits of one query chunk; per-pixel reductions then run in row bands of about BAND_BYTES.
+OUTPUT_BUDGET_BYTES = 256 << 20
+BAND_BYTES = 16 << 20
 
 
 @dataclass
@@ -62,7 +64,7 @@ def finalize(canvas: np.ndarray, out_hw: tuple[int, int], query_to_class: np.nda
     q = canvas.shape[2]
     starts = class_starts(query_to_class)
     num_classes = len(class_names)
-    chunks = query_chunks(starts, q, max(1, budget // (h0 * w0 * 4 * 2)))
+    chunks = query_chunks(starts, q, max(1, budget // (h0 * w0 * 4)))
     scale = np.float32(logit_scale)
 
     def scaled(c0: int, c1: int) -> np.ndarray:
@@ -77,32 +79,46 @@ def finalize(canvas: np.ndarray, out_hw: tuple[int, int], query_to_class: np.nda
     # Without probabilities or a threshold, labels need no softmax: exp is monotonic.
     softmax = with_probs or prob_thd > 0
     if softmax:
-        peak = cached.max(axis=2) if cached is not None else \
-            np.max([scaled(c0, c1).max(axis=2) for c0, c1 in chunks], axis=0)
+        peak = cached.max(axis=2) if cached is not None else scaled(*chunks[0]).max(axis=2)
+        for c0, c1 in chunks[1:]:
+            np.maximum(peak, scaled(c0, c1).max(axis=2), out=peak)
     total = np.zeros((h0, w0), dtype=np.float32)
     best = np.full((h0, w0), -np.inf, dtype=np.float32)
     labels = np.zeros((h0, w0), dtype=np.int32)
     probs = np.empty((num_classes, h0, w0), dtype=np.float32) if with_probs else None
     for c0, c1 in chunks:
         z = cached if cached is not None else scaled(c0, c1)
-        if softmax:
-            z -= peak[:, :, None]
-            np.exp(z, out=z)
-            total += z.sum(axis=2)
-        local = starts[(starts >= c0) & (starts < c1)]
-        # (H0, W0, classes): max over each class's synonyms (nothing to do without synonyms)
-        cls = z if len(local) == c1 - c0 else np.maximum.reduceat(z, local - c0, axis=2)
-        first = int(np.searchsorted(starts, c0))
-        arg = cls.argmax(axis=2)
-        top = np.take_along_axis(cls, arg[:, :, None], axis=2)[:, :, 0]
-        better = top > best                 # strict: an earlier chunk keeps its ties
-        np.copyto(labels, arg + first, where=better, casting="unsafe")
-        np.copyto(best, top, where=better)
-        if probs is not None:
-            probs[first:first + cls.shape[2]] = cls.transpose(2, 0, 1)
+        local = starts[(starts >= c0) & (starts < c1)] - c0
+        first = int(np.searchsorted(starts, c0 + local[0]))
+        band = max(1, BAND_BYTES // (w0 * (c1 - c0) * 4))
+        for r0 in range(0, h0, band):
+            rows = slice(r0, r0 + band)
+            _reduce_band(z[rows], local, first, peak[rows] if softmax else None, total[rows],
+                         best[rows], labels[rows],
+                         None if probs is None else probs[:, rows])
     if prob_thd > 0:
         labels[best / total < np.float32(prob_thd)] = 0
     if probs is not None:
         probs /= total
         probs /= probs.sum(axis=0, keepdims=True)
     return Segmentation(labels, probs, tuple(class_names))
+
+
+def _reduce_band(z: np.ndarray, local_starts: np.ndarray, first: int,
+                 peak: Optional[np.ndarray], total: np.ndarray, best: np.ndarray,
+                 labels: np.ndarray, probs: Optional[np.ndarray]) -> None:
+    """One row band of one query chunk, in place: softmax numerators (when ``peak`` is given),
+    max over each class's synonyms, running best class. z: (rows, W0, chunk) scaled logits."""
+    if peak is not None:
+        z -= peak[:, :, None]
+        np.exp(z, out=z)
+        total += z.sum(axis=2)
+    # (rows, W0, classes): max over each class's synonyms (nothing to do without synonyms)
+    cls = z if len(local_starts) == z.shape[2] else np.maximum.reduceat(z, local_starts, axis=2)
+    arg = cls.argmax(axis=2)
+    top = np.take_along_axis(cls, arg[:, :, None], axis=2)[:, :, 0]
+    better = top > best                     # strict: an earlier chunk keeps its ties
+    np.copyto(labels, arg + first, where=better, casting="unsafe")
+    np.copyto(best, top, where=better)
+    if probs is not None:
+        probs[first:first + cls.shape[2]] = cls.transpose(2, 0, 1)

@@ -56,3 +56,34 @@ def tiny_files(tmp_path_factory):
     torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in sd.items()}},
                files["wrapped"])
     return model, files
+
+
+_BUNDLES = {}
+
+
+def export_args(case, out):
+    return ["--model", "auto", "--pretrained", str(WEIGHTS), "--preset", case["preset"],
+            "--method", case["base_attention"],
+            "--rcs" if case["rcs"]["on"] else "--no-rcs",
+            "--sfr" if case["sfr"]["on"] else "--no-sfr",
+            "--mode", case["mode"]["type"], "--connectivity", "reference",
+            "--short-side", str(case["short_side"]), "-o", str(out), "-q"]
+
+
+@pytest.fixture(scope="session")
+def bundle_for(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bundles")
+
+    def get(case):
+        if case["name"] not in _BUNDLES:
+            out = root / case["name"]
+            from click.testing import CliRunner
+            from resclip_deploy.cli import export_main
+            result = CliRunner().invoke(export_main, export_args(case, out),
+                                        catch_exceptions=False)
+            assert result.exit_code == 0, result.output
+            _BUNDLES[case["name"]] = out
+        return _BUNDLES[case["name"]]
+    return get
+
+

@@ -10,36 +10,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import CASES, FIXTURES, TINY, WEIGHTS, case_image, load_case
+from conftest import CASES, FIXTURES, TINY, WEIGHTS, case_image, export_args, load_case
 from resclip_deploy.cli import export_main, segment_main
 from resclip_deploy.errors import UserError
-
-_BUNDLES = {}
-
-
-def export_args(case, out):
-    return ["--model", "auto", "--pretrained", str(WEIGHTS), "--preset", case["preset"],
-            "--method", case["base_attention"],
-            "--rcs" if case["rcs"]["on"] else "--no-rcs",
-            "--sfr" if case["sfr"]["on"] else "--no-sfr",
-            "--mode", case["mode"]["type"], "--connectivity", "reference",
-            "--short-side", str(case["short_side"]), "-o", str(out), "-q"]
-
-
-@pytest.fixture(scope="session")
-def bundle_for(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bundles")
-
-    def get(case):
-        if case["name"] not in _BUNDLES:
-            out = root / case["name"]
-            result = CliRunner().invoke(export_main, export_args(case, out),
-                                        catch_exceptions=False)
-            assert result.exit_code == 0, result.output
-            _BUNDLES[case["name"]] = out
-        return _BUNDLES[case["name"]]
-    return get
-
 
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
 def test_fixture_parity_through_onnx_runtime(case, bundle_for, tmp_path):
