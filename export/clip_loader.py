@@ -8,7 +8,6 @@ builds the architecture from an OpenAI-format state dict (QuickGELU, as OpenAI t
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import pickle
 import socket
@@ -21,6 +20,7 @@ import torch
 from open_clip.model import build_model_from_openai_state_dict
 from open_clip.transformer import VisionTransformer
 
+from resclip_deploy.bundle import file_sha256
 from resclip_deploy.errors import UserError
 
 # Keys every CLIP ViT state dict has (OpenAI and open_clip naming agree for ViTs).
@@ -205,11 +205,3 @@ def _prepare(model: torch.nn.Module, what: str) -> torch.nn.Module:
         raise UserError(f"{what}: ResCLIP needs a CLIP ViT with a class token and a projection "
                         "(OpenAI/LAION ViT-B/16, ViT-B/32, ViT-L/14 ...); this model is not one")
     return model.float().eval()
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -46,7 +46,7 @@ def layer_norm(ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
 
 
 def attention_output(attn: nn.MultiheadAttention, p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """(B, H, T, T) weights, (B, H, T, 64) values -> out_proj of the concatenated heads (B, T, D)."""
+    """(B, H, T, T) weights, (B, H, T, 64) values -> out_proj of the joined heads (B, T, D)."""
     y = (p.to(v.dtype) @ v).transpose(1, 2)                     # (B, T, H, 64)
     return attn.out_proj(y.reshape(y.shape[0], y.shape[1], -1))
 

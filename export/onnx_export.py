@@ -7,7 +7,6 @@ dynamic, so one bundle takes any number of windows of any size.
 
 from __future__ import annotations
 
-import logging
 import warnings
 from typing import Optional
 
@@ -17,8 +16,6 @@ from torch import nn
 from resclip_deploy.bundle import GraphIO
 
 from .model import ResCLIPVisual
-
-log = logging.getLogger("resclip_deploy")
 
 OPSET = 18
 

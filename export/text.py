@@ -31,7 +31,7 @@ def truncatable(model: torch.nn.Module) -> bool:
 
 
 def encode_text_prefix(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """(B, L) tokens with L <= context -> (B, E) text features, computed on the first L positions."""
+    """(B, L) tokens, L <= context -> (B, E) text features computed on the first L positions."""
     tower = text_tower(model)
     n = tokens.shape[1]
     x = tower.token_embedding(tokens) + tower.positional_embedding[:n]

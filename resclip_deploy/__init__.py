@@ -1,7 +1,8 @@
 """resclip-deploy: ResCLIP open-vocabulary segmentation, exported to ONNX and run without torch.
 
 This package (the shared contract) imports numpy, scipy, OpenCV and click only; the torch side is
-``resclip_deploy.export`` (install the ``[export]`` extra), the ONNX side ``resclip_deploy.runtime``.
+``resclip_deploy.export`` (install the ``[export]`` extra), the ONNX side
+``resclip_deploy.runtime``.
 """
 
 from .errors import UserError

@@ -144,7 +144,8 @@ def bench_main(bundle_dir: str, image: Optional[str], size: Optional[str], runs:
     report: dict[str, Any] = {
         "bundle": os.path.abspath(bundle_dir), "image_hw": list(rgb.shape[:2]),
         "input_hw": list(x_hw), "windows": n_windows, "mode": p.mode,
-        "queries": len(segmenter.vocab.queries), "precision": segmenter.bundle.manifest["precision"],
+        "queries": len(segmenter.vocab.queries),
+        "precision": segmenter.bundle.manifest["precision"],
         "providers": segmenter.providers, "runs": runs,
         "runtime": {"total_s": ours["total_s"], "stages_s": ours["stages_s"],
                     "peak_rss_mb": peak_rss_mb()}}

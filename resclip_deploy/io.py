@@ -91,7 +91,7 @@ def atomic_write(path: str, write: Callable[[io.BufferedWriter], None]) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
-        os.chmod(tmp, 0o666 & ~current_umask())    # mkstemp creates 0600; results are ordinary files
+        os.chmod(tmp, 0o666 & ~current_umask())     # mkstemp makes 0600; results are plain files
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -55,7 +55,8 @@ def create_session(path: str, device: str, threads: Optional[int]) -> ort.Infere
         chain = _PROVIDER_CHAINS[device]
         if chain[0] not in available:
             raise UserError(f"--device {device}: this onnxruntime has no {chain[0]} (installed: "
-                            f"{', '.join(available)}); install onnxruntime-gpu, or use --device cpu")
+                            f"{', '.join(available)}); install onnxruntime-gpu, or use "
+                            "--device cpu")
         session = _try_session(path, options, chain)
         if session is None or session.get_providers()[0] != chain[0]:
             bound = ", ".join(session.get_providers()) if session else "none"
@@ -123,8 +124,8 @@ class Segmenter:
         sessions: dict[str, ort.InferenceSession] = {}
         # Smallest graph first: 'auto' probes GPU providers on it (a failed probe still parses
         # the graph), then every other graph goes straight to the provider that bound.
-        graphs = sorted(bundle.manifest["graphs"],
-                        key=lambda g: bundle.manifest["files"][bundle.manifest["graphs"][g]["file"]]["bytes"])
+        files, graph_files = bundle.manifest["files"], bundle.manifest["graphs"]
+        graphs = sorted(graph_files, key=lambda g: files[graph_files[g]["file"]]["bytes"])
         for name in graphs:
             sessions[name] = create_session(bundle.graph_file(name), device, threads)
             device = _device_of(sessions[name])

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import CASES, FIXTURES, TINY, WEIGHTS, case_image, export_args, load_case
+from conftest import CASES, FIXTURES, TINY, case_image, export_args, load_case
 from resclip_deploy.cli import export_main, segment_main
 from resclip_deploy.errors import UserError
 

@@ -1,8 +1,6 @@
 """Images people actually have, through `resclip-segment --bundle` as a new user runs it."""
 
 import json
-import os
-import resource
 import struct
 import subprocess
 import sys
@@ -136,8 +134,10 @@ def test_corrupt_and_truncated_files_are_named(slide_bundle, tmp_path):
 def test_a_24_megapixel_photo_runs_in_bounded_memory(whole_bundle, tmp_path):
     big = cv2.resize(PHOTO, (6000, 4000), interpolation=cv2.INTER_LINEAR)
     cv2.imwrite(str(tmp_path / "big.jpg"), big)
+    command = [SEGMENT, str(tmp_path / "big.jpg"), "-o", str(tmp_path / "o"), "--bundle",
+               str(whole_bundle), "--device", "cpu", "-q"]
     code = ("import resource, subprocess, sys\n"
-            f"r = subprocess.run({[SEGMENT, str(tmp_path / 'big.jpg'), '-o', str(tmp_path / 'o'), '--bundle', str(whole_bundle), '--device', 'cpu', '-q']!r})\n"
+            f"r = subprocess.run({command!r})\n"
             "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024)\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     returncode, peak_mb = map(int, result.stdout.split())

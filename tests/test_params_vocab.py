@@ -11,7 +11,8 @@ from resclip_deploy import vocab as V
 from resclip_deploy.errors import UserError
 from resclip_deploy.params import ResCLIPParams, rcs_blocks
 
-# SPEC §1: preset -> (short side, mode, temp_thd, RCS tau, RCS lambda, SFR tau, SFR lambda, prob_thd)
+# SPEC §1: preset -> (short side, mode, temp_thd, RCS tau, RCS lambda, SFR tau, SFR lambda,
+# prob_thd)
 SPEC_TABLE = {
     "voc20": (336, "whole", 0.10, 2.0, 0.6, 2.1, 0.6, 0.0),
     "voc21": (336, "whole", 0.50, 2.0, 0.3, 2.2, 0.7, 0.1),
