@@ -149,15 +149,40 @@ class Segmenter:
     def providers(self) -> dict[str, list[str]]:
         return {name: s.get_providers() for name, s in self.sessions.items()}
 
-    def run_graph(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run one graph; feeds it does not take are dropped, the text bank added. -> outputs."""
+    @property
+    def device_type(self) -> str:
+        """'cuda' when the graphs run on a GPU provider, else 'cpu'."""
+        first = next(iter(self.sessions.values())).get_providers()[0]
+        return "cpu" if first == "CPUExecutionProvider" else "cuda"
+
+    def run_graph(self, graph: str, feeds: dict[str, Any],
+                  keep_on_device: tuple[str, ...] = ()) -> dict[str, Any]:
+        """Run one graph with I/O binding; feeds it does not take are dropped, the text bank
+        added. Outputs are numpy arrays, except those named in ``keep_on_device``, which stay
+        on the GPU as OrtValues (for the next graph) when the session runs on one.
+
+        feeds: numpy arrays or OrtValues (bound where they live, no copy).
+        """
         session = self.sessions[graph]
         if self.text is not None:
             feeds = {**feeds, "text": self.text}
+        binding = session.io_binding()
+        for arg in session.get_inputs():
+            value = feeds[arg.name]
+            if isinstance(value, ort.OrtValue):
+                binding.bind_ortvalue_input(arg.name, value)
+            else:
+                binding.bind_cpu_input(arg.name, np.ascontiguousarray(value))
         names = [o.name for o in session.get_outputs()]
-        wanted = {i.name for i in session.get_inputs()}
-        return dict(zip(names, session.run(names, {k: v for k, v in feeds.items()
-                                                   if k in wanted})))
+        device = self.device_type
+        for name in names:
+            if name in keep_on_device and device != "cpu":
+                binding.bind_output(name, device)
+            else:
+                binding.bind_output(name)
+        session.run_with_iobinding(binding)
+        return {name: value if name in keep_on_device and device != "cpu" else value.numpy()
+                for name, value in zip(names, binding.get_outputs())}
 
     def forward_windows(self, windows: np.ndarray, times: Optional[Timings] = None,
                         ) -> tuple[np.ndarray, Optional[SFRStep]]:
@@ -169,7 +194,10 @@ class Segmenter:
             with times("encoder"):
                 return self.run_graph("segmenter", {"pixels": windows})["logits"], None
         with times("encoder"):
-            enc = self.run_graph("encoder", {"pixels": windows})
+            # On a GPU, what the head takes from the encoder stays there; the CPU gets the
+            # pre-pass logits only.
+            enc = self.run_graph("encoder", {"pixels": windows},
+                                 keep_on_device=("tokens", "rcs", "window"))
         with times("sfr"):
             step = sfr_step(enc["prepass_logits"], windows, self.params, self.patch)
         with times("head"):
