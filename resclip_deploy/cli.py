@@ -91,7 +91,7 @@ def run_command(command: click.Command) -> None:
     """Console-script entry: click's usage errors also become one 'error:' line and exit 2."""
     try:
         rv = command.main(standalone_mode=False)
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("error: interrupted", err=True)
         sys.exit(130)
     except click.ClickException as e:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import CASES, FIXTURES, TINY, case_image, export_args, load_case
+from conftest import CASES, FIXTURES, TINY, WEIGHTS, case_image, export_args, load_case
 from resclip_deploy.cli import export_main, segment_main
 from resclip_deploy.errors import UserError
 
@@ -294,3 +294,20 @@ def test_fixed_vocabulary_bundle_refuses_classes(bundle_for, tmp_path):
                                                str(first_bundle(bundle_for)), "--classes",
                                                "cat,dog"])
     assert result.exit_code == 2 and "--text-encoder" in result.output
+
+
+def test_ctrl_c_during_export_leaves_nothing(tmp_path):
+    import signal
+    import time
+    exe = os.path.join(os.path.dirname(sys.executable), "resclip-export")
+    proc = subprocess.Popen([exe, "--pretrained", str(WEIGHTS), "--preset", "ade20k", "-o",
+                             str(tmp_path / "b"), "-q"], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not any(p.name.endswith(".tmp") for p in tmp_path.iterdir()):
+        assert proc.poll() is None and time.time() < deadline, "export never started"
+        time.sleep(0.05)
+    time.sleep(2)                        # well inside the export (text bank, tracing)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and "interrupted" in err
+    assert list(tmp_path.iterdir()) == []
