@@ -129,20 +129,40 @@ def _setup_logging(quiet: bool) -> None:
 @click.option("--overlay/--no-overlay", default=True, show_default=True,
               help="Also write <stem>_overlay.jpg: the photo, class colours and a legend.")
 @click.option("--threads", type=int, default=None, help="CPU threads for ONNX Runtime.")
+@click.option("--frame-stride", type=int, default=1, show_default=True,
+              help="Video: segment every Nth frame (the output video has fps/N).")
+@click.option("--max-frames", type=int, default=None, help="Video: stop after N frames.")
+@click.option("--save-frames", is_flag=True,
+              help="Video: also write <stem>_frames/<frame>.png label maps.")
+@click.option("--save-labels", is_flag=True,
+              help="Video: also write <stem>_labels.npz, one label map per frame.")
+@click.option("--smooth", type=float, default=None,
+              help="Video: temporal smoothing of class probabilities, weight of the past in "
+                   "[0, 1) (off by default; see README).")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
 @user_errors
 def segment_main(inputs: tuple[str, ...], outdir: str, bundle_dir: Optional[str],
                  reference: bool, model_name: Optional[str], pretrained: Optional[str],
                  preset: Optional[str], classes: Optional[str], save_probs: bool, device: str,
-                 overlay: bool, threads: Optional[int], quiet: bool, **overrides: Any) -> None:
+                 overlay: bool, threads: Optional[int], frame_stride: int,
+                 max_frames: Optional[int], save_frames: bool, save_labels: bool,
+                 smooth: Optional[float], quiet: bool, **overrides: Any) -> None:
     """Segment images (files, folders, globs) into OUTDIR.
 
     Writes <stem>.png label maps, <stem>_overlay.jpg, <stem>.npz with --save-probs, and
     summary.json (per image: size, seconds, class pixel fractions; the settings used).
+    Videos (files, camera indices, stream URLs; --bundle only) give <stem>_overlay.mp4 at the
+    same frame rate and size, without audio.
     """
     _setup_logging(quiet)
     from .io import (expand_inputs, image_summary, output_stems, read_image, write_json,
                      write_overlay, write_segmentation)
+    from .runtime.video import VideoOptions, is_video_source, segment_video
+
+    videos = [i for i in inputs if is_video_source(i)]
+    if videos and bundle_dir is None:
+        raise UserError(f"video input {videos[0]} needs --bundle DIR (the torch reference "
+                        "segments images only)")
 
     if reference == (bundle_dir is not None):
         raise UserError("choose one pipeline: --bundle DIR (ONNX, from resclip-export) or "
@@ -155,13 +175,33 @@ def segment_main(inputs: tuple[str, ...], outdir: str, bundle_dir: Optional[str]
             raise UserError("--reference needs --pretrained TAG_OR_FILE")
         params, vocab = resolve_settings(preset, classes, overrides)
         segmenter = _reference_segmenter(model_name or "auto", pretrained, vocab, params, device)
-    files = expand_inputs(inputs)
+    files = expand_inputs([i for i in inputs if not is_video_source(i)]) if \
+        len(videos) < len(inputs) else []
     stems = output_stems(files)
     runs: list[dict[str, Any]] = []
     failed: list[dict[str, str]] = []
-    bar = click.progressbar(list(zip(files, stems)), label="segmenting", file=sys.stderr,
-                            show_pos=True) \
-        if len(files) > 1 and not quiet else contextlib.nullcontext(list(zip(files, stems)))
+    interrupted = False
+    options = VideoOptions(frame_stride, max_frames, save_frames, save_labels, smooth)
+    for source in videos:
+        try:
+            entry = segment_video(source, segmenter, outdir, options,
+                                  None if quiet else _frame_progress)
+        except UserError as e:
+            click.echo(f"error: {e}", err=True)
+            failed.append({"input": source, "error": str(e)})
+            continue
+        runs.append(entry)
+        if not quiet:
+            click.echo("", err=True)
+        log.info("%s -> %s (%d frames, %d skipped as corrupt, %.2f fps)", source,
+                 ", ".join(entry["outputs"]), entry["frames_written"],
+                 entry["frames_skipped_corrupt"], entry["fps"] or 0)
+        if entry["interrupted"]:
+            interrupted = True
+            break
+    todo = [] if interrupted else list(zip(files, stems))
+    bar = click.progressbar(todo, label="segmenting", file=sys.stderr, show_pos=True) \
+        if len(todo) > 1 and not quiet else contextlib.nullcontext(todo)
     with bar as items:
         for path, stem in items:
             start = time.perf_counter()
@@ -186,12 +226,20 @@ def segment_main(inputs: tuple[str, ...], outdir: str, bundle_dir: Optional[str]
                "providers": getattr(segmenter, "providers", None),
                "images": runs, "failed": failed}
     write_json(os.path.join(outdir, SUMMARY), summary)
-    log.info("%d image(s) written to %s (summary: %s)", len(runs), outdir, SUMMARY)
+    log.info("%d input(s) written to %s (summary: %s)", len(runs), outdir, SUMMARY)
+    if interrupted:
+        click.echo("error: interrupted; the output written so far is complete and plays",
+                   err=True)
+        sys.exit(130)
     if failed:
-        if len(files) > 1:
+        if len(files) + len(videos) > 1:
             click.echo(f"error: {len(failed)} of {len(files)} inputs failed: "
                        f"{', '.join(f['input'] for f in failed)}", err=True)
         sys.exit(EXIT_SOME_FAILED)
+
+
+def _frame_progress(frames: int, seconds: float) -> None:
+    click.echo(f"\rframes: {frames}  ({frames / max(seconds, 1e-9):.2f} fps)", err=True, nl=False)
 
 
 def _bundle_segmenter(bundle_dir: str, model_name: Optional[str], pretrained: Optional[str],

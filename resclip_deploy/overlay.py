@@ -133,13 +133,21 @@ def overlay(rgb: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
     """
     rgb, labels = _check_inputs(rgb, labels, class_names, alpha)
     colours = palette(len(class_names))
+    photo = colourise(rgb, labels, colours, alpha)
+    fractions = class_fractions(labels, len(class_names))
+    panel = legend_panel(rgb.shape[0], fractions, class_names, colours)
+    return np.ascontiguousarray(np.concatenate([photo, panel], axis=1))
+
+
+def colourise(rgb: np.ndarray, labels: np.ndarray, colours: np.ndarray,
+              alpha: float) -> np.ndarray:
+    """(H, W, 3) uint8 RGB: the photo blended with class colours and class boundaries drawn,
+    same size (what video frames get; :func:`overlay` adds the legend)."""
     photo = blend(rgb, labels, colours, alpha)
     mask = boundary_mask(labels)
     # The darkened class colour (not the photo) so lines stay visible on any background.
     photo[mask] = colours[labels[mask]] // 2
-    fractions = class_fractions(labels, len(class_names))
-    panel = legend_panel(rgb.shape[0], fractions, class_names, colours)
-    return np.ascontiguousarray(np.concatenate([photo, panel], axis=1))
+    return photo
 
 
 def _check_inputs(rgb, labels, class_names, alpha):

@@ -102,6 +102,39 @@ class Timings(dict):
 WindowRunner = Callable[[np.ndarray, Timings], np.ndarray]
 
 
+@dataclass
+class Prepared:
+    """One image ready for the networks: windows (K, 3, h, w) of the resized input."""
+
+    windows: np.ndarray
+    boxes: np.ndarray
+    input_hw: tuple[int, int]
+    image_hw: tuple[int, int]
+
+
+def prepare(rgb: np.ndarray, params: ResCLIPParams, patch: int) -> Prepared:
+    """RGB uint8 (H0, W0, 3) -> resized, normalised windows (SPEC §2)."""
+    x = geometry.preprocess(rgb, params.short_side, params.long_side_max)
+    geometry.check_input_size(x.shape[1:], patch)
+    boxes = geometry.window_boxes(x.shape[1], x.shape[2], params.mode, params.crop, params.stride)
+    return Prepared(geometry.crop_batch(x, boxes), boxes, x.shape[1:], rgb.shape[:2])
+
+
+def finish(prepared: Prepared, logits: np.ndarray, params: ResCLIPParams, patch: int,
+           vocab: Vocabulary, with_probs: bool, times: Timings) -> Segmentation:
+    """(K, Q, gh·gw) window logits -> Segmentation at the original size."""
+    with times("merge"):
+        k, q = logits.shape[:2]
+        gh, gw = prepared.windows.shape[2] // patch, prepared.windows.shape[3] // patch
+        grids = logits.transpose(0, 2, 1).reshape(k, gh, gw, q)
+        canvas = geometry.merge_windows(grids, prepared.boxes, prepared.input_hw)
+    with times("output"):
+        seg = finalize(canvas, prepared.image_hw, np.array(vocab.query_to_class),
+                       vocab.class_names, params.logit_scale, params.prob_thd, with_probs)
+    seg.timings = dict(times)
+    return seg
+
+
 def segment_image(rgb: np.ndarray, params: ResCLIPParams, patch: int, vocab: Vocabulary,
                   run_windows: WindowRunner, with_probs: bool = True) -> Segmentation:
     """RGB uint8 (H0, W0, 3) -> Segmentation at (H0, W0), with per-stage timings.
@@ -110,19 +143,6 @@ def segment_image(rgb: np.ndarray, params: ResCLIPParams, patch: int, vocab: Voc
     """
     times = Timings()
     with times("preprocess"):
-        x = geometry.preprocess(rgb, params.short_side, params.long_side_max)
-        geometry.check_input_size(x.shape[1:], patch)
-        boxes = geometry.window_boxes(x.shape[1], x.shape[2], params.mode, params.crop,
-                                      params.stride)
-        windows = geometry.crop_batch(x, boxes)
-    logits = run_windows(windows, times)
-    with times("merge"):
-        k, q = logits.shape[:2]
-        gh, gw = windows.shape[2] // patch, windows.shape[3] // patch
-        grids = logits.transpose(0, 2, 1).reshape(k, gh, gw, q)
-        canvas = geometry.merge_windows(grids, boxes, x.shape[1:])
-    with times("output"):
-        seg = finalize(canvas, rgb.shape[:2], np.array(vocab.query_to_class), vocab.class_names,
-                       params.logit_scale, params.prob_thd, with_probs)
-    seg.timings = dict(times)
-    return seg
+        prepared = prepare(rgb, params, patch)
+    logits = run_windows(prepared.windows, times)
+    return finish(prepared, logits, params, patch, vocab, with_probs, times)

@@ -1,0 +1,340 @@
+"""Video: frames in, segmented frames out, with the CPU and graph stages overlapped.
+
+Stages run in threads joined by bounded queues (so memory stays flat however long the video):
+prepare (resize, windows) -> encoder graph -> SFR on CPU -> head graph -> merge/output (the
+caller's thread). ONNX Runtime, scipy and numpy release the GIL, so while the SFR step of one
+frame runs, the encoder already works on the next; the graphs take the windows of up to
+``frames_per_batch`` frames in one run. Without smoothing each frame's result is the frame
+segmented as an image.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Optional
+
+import cv2
+import numpy as np
+
+from resclip_deploy.errors import UserError
+from resclip_deploy.pipeline import Prepared, Timings, finish, prepare, sfr_step
+from resclip_deploy.postprocess import Segmentation
+
+from .segmenter import Segmenter
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv",
+                    ".flv", ".gif")
+_END = object()
+# A stream that fails this many reads in a row has ended (or is truncated).
+MAX_CONSECUTIVE_FAILURES = 25
+
+
+def is_video_source(source: str) -> bool:
+    """A camera index ('0'), a stream URL ('rtsp://...') or a file with a video extension."""
+    return source.isdigit() or "://" in source or source.lower().endswith(VIDEO_EXTENSIONS)
+
+
+@dataclass
+class VideoInfo:
+    fps: float
+    size: tuple[int, int]            # (H, W)
+    frames: Optional[int]            # None for cameras and streams
+
+
+def open_video(source: str) -> tuple[cv2.VideoCapture, VideoInfo]:
+    """Open a file, camera index or URL; a clear error when it cannot be read."""
+    is_file = not (source.isdigit() or "://" in source)
+    if is_file and not os.path.isfile(source):
+        raise UserError(f"video {source} does not exist")
+    cap = cv2.VideoCapture(int(source) if source.isdigit() else source)
+    ok, frame = cap.read() if cap.isOpened() else (False, None)
+    if not ok or frame is None:
+        cap.release()
+        raise UserError(f"video {source} cannot be read (not a video OpenCV/FFmpeg decodes, an "
+                        "empty file, or an unreachable camera/stream)")
+    fps = cap.get(cv2.CAP_PROP_FPS)
+    count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) if is_file else 0
+    cap.set(cv2.CAP_PROP_POS_FRAMES, 0) if is_file else None
+    info = VideoInfo(fps if fps and fps > 0 else 25.0, frame.shape[:2], count or None)
+    if not is_file:                   # a live source cannot rewind: keep the first frame
+        cap.first_frame = frame       # type: ignore[attr-defined]
+    return cap, info
+
+
+@dataclass
+class ReadStats:
+    read: int = 0
+    skipped_corrupt: int = 0
+
+
+def read_frames(cap: cv2.VideoCapture, info: VideoInfo, stride: int,
+                max_frames: Optional[int], stats: ReadStats) -> Iterator[tuple[int, np.ndarray]]:
+    """(frame index, RGB uint8) every ``stride`` frames, at most ``max_frames``.
+
+    A frame that fails to decode before the known end is counted and skipped; many failures in a
+    row end the stream.
+    """
+    index, failures, yielded = -1, 0, 0
+    pending = getattr(cap, "first_frame", None)
+    while max_frames is None or yielded < max_frames:
+        if pending is not None:
+            ok, frame, pending = True, pending, None
+        else:
+            ok, frame = cap.read()
+        index += 1
+        if not ok or frame is None:
+            if info.frames is not None and index >= info.frames:
+                return
+            failures += 1
+            stats.skipped_corrupt += 1
+            if failures >= MAX_CONSECUTIVE_FAILURES:
+                stats.skipped_corrupt -= failures     # the end, not corrupt frames
+                return
+            continue
+        failures = 0
+        if index % stride:
+            continue
+        stats.read += 1
+        yielded += 1
+        yield index, cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+
+
+@dataclass
+class _Item:
+    index: int
+    rgb: np.ndarray
+    prepared: Prepared
+    encoder: Optional[dict[str, np.ndarray]] = None
+    bias: Optional[np.ndarray] = None
+    logits: Optional[np.ndarray] = None
+
+
+class VideoEngine:
+    """Segment a stream of frames with the stages overlapped; yields results in frame order."""
+
+    def __init__(self, segmenter: Segmenter, frames_per_batch: int = 2, queue_size: int = 3,
+                 smoothing: Optional[float] = None):
+        if frames_per_batch < 1 or queue_size < 1:
+            raise UserError("frames per batch and queue size must be at least 1")
+        if smoothing is not None and not 0.0 <= smoothing < 1.0:
+            raise UserError(f"--smooth {smoothing}: give a weight in [0, 1) for the past frames")
+        self.seg, self.batch, self.qsize, self.smoothing = (segmenter, frames_per_batch,
+                                                             queue_size, smoothing)
+
+    def run(self, frames: Iterable[tuple[int, np.ndarray]],
+            ) -> Iterator[tuple[int, np.ndarray, Segmentation]]:
+        seg = self.seg
+        stop = threading.Event()
+        queues = [queue.Queue(self.qsize) for _ in range(4)]
+
+        def produce() -> None:
+            for index, rgb in frames:
+                if stop.is_set():
+                    break
+                queues[0].put(_Item(index, rgb, prepare(rgb, seg.params, seg.patch)))
+            queues[0].put(_END)
+
+        def encoder(item_batch: list[_Item]) -> None:
+            out = seg.run_graph(self._first_graph(), {"pixels": np.concatenate(
+                [i.prepared.windows for i in item_batch])})
+            self._split(item_batch, out, "encoder" if "segmenter" not in seg.sessions else "logits")
+
+        def sfr(item: _Item) -> None:
+            if "segmenter" not in seg.sessions:
+                step = sfr_step(item.encoder["prepass_logits"], item.prepared.windows,
+                                seg.params, seg.patch)
+                item.bias = step.bias
+
+        def head(item_batch: list[_Item]) -> None:
+            if "segmenter" in seg.sessions:
+                return
+            feeds = {k: np.concatenate([i.encoder[k] for i in item_batch])
+                     for k in item_batch[0].encoder if k not in ("window", "prepass_logits")}
+            if "window" in item_batch[0].encoder:
+                feeds["window"] = item_batch[0].encoder["window"]
+            feeds["sfr_bias"] = np.concatenate([i.bias for i in item_batch])
+            self._split(item_batch, seg.run_graph("head", feeds), "logits")
+
+        threads = [threading.Thread(target=self._guard, args=(produce, stop, queues[0]),
+                                    daemon=True),
+                   self._stage(queues[0], queues[1], encoder, True, stop),
+                   self._stage(queues[1], queues[2], sfr, False, stop),
+                   self._stage(queues[2], queues[3], head, True, stop)]
+        for t in threads:
+            t.start()
+        smoothed: Optional[np.ndarray] = None
+        try:
+            while True:
+                item = queues[3].get()
+                if item is _END:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                result = finish(item.prepared, item.logits, seg.params, seg.patch, seg.vocab,
+                                self.smoothing is not None, Timings())
+                if self.smoothing is not None:
+                    smoothed = result.probs if smoothed is None else \
+                        self.smoothing * smoothed + (1 - self.smoothing) * result.probs
+                    result = Segmentation(smoothed.argmax(axis=0).astype(np.int32), smoothed,
+                                          result.class_names)
+                yield item.index, item.rgb, result
+        finally:
+            stop.set()
+            for q in queues:              # unblock producers waiting on full queues
+                while not q.empty():
+                    q.get_nowait()
+
+    def _first_graph(self) -> str:
+        return "segmenter" if "segmenter" in self.seg.sessions else "encoder"
+
+    @staticmethod
+    def _split(items: list[_Item], out: dict[str, np.ndarray], kind: str) -> None:
+        sizes = np.cumsum([len(i.prepared.windows) for i in items])[:-1]
+        if kind == "logits":
+            for item, part in zip(items, np.split(out["logits"], sizes)):
+                item.logits = part
+            return
+        parts = {k: (np.split(v, sizes) if k != "window" else [v] * len(items))
+                 for k, v in out.items()}
+        for n, item in enumerate(items):
+            item.encoder = {k: v[n] for k, v in parts.items()}
+
+    def _stage(self, source: queue.Queue, sink: queue.Queue, work, batched: bool,
+               stop: threading.Event) -> threading.Thread:
+        def loop() -> None:
+            while not stop.is_set():
+                first = source.get()
+                if first is _END or isinstance(first, BaseException):
+                    sink.put(first)
+                    return
+                items, ended = [first], None
+                while batched and len(items) < self.batch:
+                    try:
+                        nxt = source.get_nowait()
+                    except queue.Empty:
+                        break
+                    if nxt is _END or isinstance(nxt, BaseException):
+                        ended = nxt
+                        break
+                    items.append(nxt)
+                if batched:
+                    work(items)
+                else:
+                    for item in items:
+                        work(item)
+                for item in items:
+                    sink.put(item)
+                if ended is not None:
+                    sink.put(ended)
+                    return
+        return threading.Thread(target=self._guard, args=(loop, stop, sink), daemon=True)
+
+    @staticmethod
+    def _guard(fn, stop: threading.Event, sink: queue.Queue) -> None:
+        """Run a stage; an error travels down the queues to the caller instead of hanging it."""
+        try:
+            fn()
+        except BaseException as e:  # noqa: B036 — re-raised in the caller's thread
+            stop.set()
+            sink.put(e)
+
+
+def engine_stats(info: VideoInfo, stats: ReadStats, written: int, seconds: float,
+                 interrupted: bool) -> dict[str, Any]:
+    return {"fps_in": info.fps, "size": list(info.size), "frames_in_file": info.frames,
+            "frames_read": stats.read, "frames_written": written,
+            "frames_skipped_corrupt": stats.skipped_corrupt, "seconds": round(seconds, 3),
+            "fps": round(written / seconds, 3) if seconds > 0 else None,
+            "interrupted": interrupted}
+
+
+@dataclass
+class VideoOptions:
+    stride: int = 1
+    max_frames: Optional[int] = None
+    save_frames: bool = False          # <stem>_frames/<index>.png label maps
+    save_labels: bool = False          # <stem>_labels.npz, one array per frame, streamed
+    smoothing: Optional[float] = None
+    frames_per_batch: int = 2
+
+
+def video_stem(source: str) -> str:
+    if source.isdigit():
+        return f"camera{source}"
+    name = source.rstrip("/").split("/")[-1] or "stream"
+    return os.path.splitext(name)[0] if "://" not in source else \
+        "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+
+
+def segment_video(source: str, segmenter: Segmenter, outdir: str, options: VideoOptions,
+                  progress=None) -> dict[str, Any]:
+    """Segment a video file, camera or stream into OUTDIR; returns its summary entry.
+
+    Writes <stem>_overlay.mp4 (same frame rate and size; no audio), and on request per-frame
+    label PNGs and a streamed .npz of label maps. Every file is written under a temporary name
+    and renamed when finished, also after Ctrl-C (the frames done so far play).
+    """
+    import time
+    import zipfile
+
+    from resclip_deploy.io import label_png_bytes
+    from resclip_deploy.overlay import colourise, palette
+
+    if options.stride < 1 or (options.max_frames is not None and options.max_frames < 1):
+        raise UserError("--frame-stride and --max-frames must be at least 1")
+    cap, info = open_video(source)
+    stem = video_stem(source)
+    os.makedirs(outdir, exist_ok=True)
+    final = {"video": os.path.join(outdir, f"{stem}_overlay.mp4")}
+    tmp = {"video": os.path.join(outdir, f".{stem}_overlay.tmp.mp4")}
+    fps = info.fps / options.stride
+    writer = cv2.VideoWriter(tmp["video"], cv2.VideoWriter_fourcc(*"mp4v"), fps,
+                             (info.size[1], info.size[0]))
+    if not writer.isOpened():
+        raise UserError(f"cannot write {final['video']} (OpenCV has no mp4v encoder here)")
+    frames_dir = os.path.join(outdir, f"{stem}_frames")
+    if options.save_frames:
+        os.makedirs(frames_dir, exist_ok=True)
+    archive = None
+    if options.save_labels:
+        final["labels"] = os.path.join(outdir, f"{stem}_labels.npz")
+        tmp["labels"] = os.path.join(outdir, f".{stem}_labels.tmp.npz")
+        archive = zipfile.ZipFile(tmp["labels"], "w", zipfile.ZIP_DEFLATED)
+    colours = palette(len(segmenter.vocab.class_names))
+    stats, written, interrupted = ReadStats(), 0, False
+    engine = VideoEngine(segmenter, options.frames_per_batch, smoothing=options.smoothing)
+    start = time.perf_counter()
+    try:
+        for index, rgb, result in engine.run(read_frames(cap, info, options.stride,
+                                                         options.max_frames, stats)):
+            if rgb.shape[:2] != info.size:
+                raise UserError(f"video {source}: frame {index} is {rgb.shape[1]}x"
+                                f"{rgb.shape[0]}, not {info.size[1]}x{info.size[0]}")
+            writer.write(cv2.cvtColor(colourise(rgb, result.labels, colours, 0.5),
+                                      cv2.COLOR_RGB2BGR))
+            if options.save_frames:
+                with open(os.path.join(frames_dir, f"{index:06d}.png"), "wb") as f:
+                    f.write(label_png_bytes(result.labels, len(colours)))
+            if archive is not None:
+                small = result.labels.astype(np.uint8 if len(colours) <= 256 else np.uint16)
+                with archive.open(f"frame_{index:06d}.npy", "w") as f:
+                    np.lib.format.write_array(f, small)
+            written += 1
+            if progress is not None:
+                progress(written, time.perf_counter() - start)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        cap.release()
+        writer.release()
+        if archive is not None:
+            archive.close()
+        for key in tmp:
+            os.replace(tmp[key], final[key])
+    summary = {"input": source, "outputs": list(final.values()) +
+               ([frames_dir] if options.save_frames else []),
+               **engine_stats(info, stats, written, time.perf_counter() - start, interrupted)}
+    return summary
