@@ -94,6 +94,36 @@ def time_reference(bundle: str, rgb: np.ndarray, runs: int) -> dict[str, Any]:
     return out
 
 
+def synthetic_video(rgb: np.ndarray, frames: int) -> list[np.ndarray]:
+    """``frames`` frames of the photo, panning and zooming, each the photo's size."""
+    h, w = rgb.shape[:2]
+    out = []
+    for i in range(frames):
+        zoom = 1.0 + 0.3 * i / max(frames - 1, 1)
+        ch, cw = int(h / zoom), int(w / zoom)
+        y, x = (h - ch) * i // max(frames - 1, 1), (w - cw) // 2
+        out.append(cv2.resize(rgb[y:y + ch, x:x + cw], (w, h), interpolation=cv2.INTER_LINEAR))
+    return out
+
+
+def time_video(segmenter: Any, frames: list[np.ndarray], frames_per_batch: int,
+               ) -> dict[str, Any]:
+    """Frames per second: one frame after another vs the pipelined engine, same frames."""
+    from .runtime.video import VideoEngine
+    segmenter.segment(frames[0], with_probs=False)
+    start = time.perf_counter()
+    one_by_one = [segmenter.segment(f, with_probs=False).labels for f in frames]
+    sequential = time.perf_counter() - start
+    start = time.perf_counter()
+    piped = [r.labels for _, _, r in VideoEngine(segmenter, frames_per_batch).run(
+        enumerate(frames))]
+    pipelined = time.perf_counter() - start
+    same = all(np.array_equal(a, b) for a, b in zip(one_by_one, piped))
+    return {"frames": len(frames), "frames_per_batch": frames_per_batch,
+            "sequential_fps": len(frames) / sequential, "pipelined_fps": len(frames) / pipelined,
+            "speedup": sequential / pipelined, "labels_identical": same}
+
+
 def table(rows: list[tuple[str, ...]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
@@ -124,11 +154,16 @@ def _size(value: Optional[str]) -> Optional[tuple[int, int]]:
               help="Also time the torch reference on the same image (subprocess).")
 @click.option("--reference-runs", type=int, default=1, show_default=True)
 @click.option("--sweep", is_flag=True, help="Also time 1, 2, 4, 8 windows (linearity).")
+@click.option("--video", "video_frames", type=int, default=None,
+              help="Also time N frames of a synthetic pan/zoom video: pipelined engine vs "
+                   "frame by frame.")
+@click.option("--frames-per-batch", type=int, default=2, show_default=True)
 @click.option("--json", "json_out", default=None, help="Write the results as JSON here.")
 @user_errors
 def bench_main(bundle_dir: str, image: Optional[str], size: Optional[str], runs: int,
                warmup: int, device: str, threads: Optional[int], reference: bool,
-               reference_runs: int, sweep: bool, json_out: Optional[str]) -> None:
+               reference_runs: int, sweep: bool, video_frames: Optional[int],
+               frames_per_batch: int, json_out: Optional[str]) -> None:
     """Time a bundle per stage against the torch reference; report peak memory."""
     _setup_logging(quiet=True)
     from .runtime.segmenter import Segmenter
@@ -178,6 +213,14 @@ def bench_main(bundle_dir: str, image: Optional[str], size: Optional[str], runs:
     for row in report.get("sweep", []):
         click.echo(f"{row['windows']} window(s): {row['seconds']:.3f} s "
                    f"({row['seconds_per_window']:.3f} s/window)")
+    if video_frames:
+        report["video"] = time_video(segmenter, synthetic_video(rgb, video_frames),
+                                     frames_per_batch)
+        v = report["video"]
+        click.echo(f"video, {v['frames']} frames: frame by frame {v['sequential_fps']:.2f} fps, "
+                   f"pipelined {v['pipelined_fps']:.2f} fps ({v['speedup']:.2f}x); labels "
+                   f"{'identical' if v['labels_identical'] else 'DIFFER'}; peak RSS "
+                   f"{peak_rss_mb():.0f} MB")
     if json_out:
         with open(json_out, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=1)

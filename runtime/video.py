@@ -25,6 +25,10 @@ from resclip_deploy.postprocess import Segmentation
 
 from .segmenter import Segmenter
 
+# FFmpeg prints its own lines for broken files; we report them in one line of ours. Read when
+# OpenCV first opens a video, so set at import (a user's own setting wins).
+os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv",
                     ".flv", ".gif")
 _END = object()
