@@ -65,12 +65,15 @@ class SFRStep:
 
 
 def sfr_step(prepass_logits: np.ndarray, windows: np.ndarray, params: ResCLIPParams,
-             patch: int) -> SFRStep:
-    """(K, Q, N) pre-pass logits, (K, 3, h, w) windows -> :class:`SFRStep`."""
+             patch: int, workers: Optional[int] = None) -> SFRStep:
+    """(K, Q, N) pre-pass logits, (K, 3, h, w) windows -> :class:`SFRStep`.
+
+    ``workers``: threads for PAMR (default: one per CPU core).
+    """
     k, q = prepass_logits.shape[:2]
     gh, gw = windows.shape[2] // patch, windows.shape[3] // patch
     grids = prepass_logits.reshape(k, q, gh, gw)
-    workers = max(1, os.cpu_count() or 1)
+    workers = workers or max(1, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         if k >= workers:    # windows in parallel: one whole window per thread is fastest
             pre = list(pool.map(lambda i: prepass_probs(grids[i], windows[i],

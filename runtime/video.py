@@ -5,7 +5,8 @@ prepare (resize, windows) -> encoder graph -> SFR on CPU -> head graph -> merge/
 caller's thread). ONNX Runtime, scipy and numpy release the GIL, so while the SFR step of one
 frame runs, the encoder already works on the next; the graphs take the windows of up to
 ``frames_per_batch`` frames in one run. Without smoothing each frame's result is the frame
-segmented as an image.
+segmented as an image. On a 2-core CPU the stages compete for the same cores, so the overlap
+gains little there (BENCHMARKS.md); it pays where the graphs run on a GPU.
 """
 
 from __future__ import annotations
@@ -119,14 +120,20 @@ class _Item:
 class VideoEngine:
     """Segment a stream of frames with the stages overlapped; yields results in frame order."""
 
-    def __init__(self, segmenter: Segmenter, frames_per_batch: int = 2, queue_size: int = 3,
-                 smoothing: Optional[float] = None):
+    def __init__(self, segmenter: Segmenter, frames_per_batch: Optional[int] = None,
+                 queue_size: int = 2, smoothing: Optional[float] = None,
+                 sfr_workers: Optional[int] = None):
+        # Several frames per graph run pay off on a GPU; on a CPU the graphs already use every
+        # core and bigger batches only hold more memory (measured: 0.91x vs 0.94x, +700 MB).
+        if frames_per_batch is None:
+            frames_per_batch = 1 if segmenter.device_type == "cpu" else 4
         if frames_per_batch < 1 or queue_size < 1:
             raise UserError("frames per batch and queue size must be at least 1")
         if smoothing is not None and not 0.0 <= smoothing < 1.0:
             raise UserError(f"--smooth {smoothing}: give a weight in [0, 1) for the past frames")
         self.seg, self.batch, self.qsize, self.smoothing = (segmenter, frames_per_batch,
                                                              queue_size, smoothing)
+        self.sfr_workers = sfr_workers
 
     def run(self, frames: Iterable[tuple[int, np.ndarray]],
             ) -> Iterator[tuple[int, np.ndarray, Segmentation]]:
@@ -149,7 +156,7 @@ class VideoEngine:
         def sfr(item: _Item) -> None:
             if "segmenter" not in seg.sessions:
                 step = sfr_step(item.encoder["prepass_logits"], item.prepared.windows,
-                                seg.params, seg.patch)
+                                seg.params, seg.patch, self.sfr_workers)
                 item.bias = step.bias
 
         def head(item_batch: list[_Item]) -> None:
@@ -262,7 +269,7 @@ class VideoOptions:
     save_frames: bool = False          # <stem>_frames/<index>.png label maps
     save_labels: bool = False          # <stem>_labels.npz, one array per frame, streamed
     smoothing: Optional[float] = None
-    frames_per_batch: int = 2
+    frames_per_batch: Optional[int] = None
 
 
 def video_stem(source: str) -> str:
