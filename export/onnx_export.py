@@ -18,6 +18,8 @@ from resclip_deploy.bundle import GraphIO
 from .model import ResCLIPVisual
 
 OPSET = 18
+# Protobuf caps one file at 2 GB: bigger graphs (ViT-H and up) keep their weights in a .data file.
+EXTERNAL_DATA_BYTES = 1_500_000_000
 
 
 class GraphModule(nn.Module):
@@ -113,4 +115,6 @@ def export_graph(module: GraphModule, inputs: tuple[torch.Tensor, ...], path: st
             module, inputs, dynamo=True, opset_version=OPSET,
             input_names=list(module.io.inputs), output_names=list(module.io.outputs),
             dynamic_shapes=(dynamic_shapes(module.io),), optimize=True, verbose=False)
-    program.save(path, external_data=False)
+    weights = sum(t.numel() * t.element_size() for t in
+                  [*module.parameters(), *module.buffers()])
+    program.save(path, external_data=weights > EXTERNAL_DATA_BYTES)

@@ -311,3 +311,20 @@ def test_ctrl_c_during_export_leaves_nothing(tmp_path):
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 130 and "interrupted" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_large_graphs_keep_weights_in_a_data_file(tiny_files, tmp_path, monkeypatch):
+    from resclip_deploy.export import onnx_export
+    from resclip_deploy.export.bundle_export import export_bundle
+    from resclip_deploy.export.clip_loader import load_clip
+    from resclip_deploy.params import CUSTOM
+    from resclip_deploy.runtime.segmenter import Segmenter
+    from resclip_deploy.vocab import parse_class_list
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
+    _, files = tiny_files
+    manifest = export_bundle(load_clip(TINY, str(files["pt"])), parse_class_list("a,b"), CUSTOM,
+                             str(tmp_path / "b"))
+    data_files = [f for f in manifest["files"] if not f.endswith((".onnx", ".npy"))]
+    assert data_files and all(manifest["files"][f]["sha256"] for f in data_files)
+    assert manifest["verification"]["labels_agreement"] >= 0.995
+    Segmenter.from_bundle(str(tmp_path / "b"), device="cpu")
