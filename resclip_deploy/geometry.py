@@ -77,14 +77,6 @@ def resize_bilinear_hwc(x: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
     return out
 
 
-def resize_bilinear(x: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
-    """(C, h, w) float32 -> (C, H, W), as :func:`resize_bilinear_hwc`."""
-    if x.shape[1:] == tuple(out_hw):
-        return x.astype(np.float32, copy=True)
-    out = resize_bilinear_hwc(x.transpose(1, 2, 0), out_hw)
-    return np.ascontiguousarray(out.transpose(2, 0, 1))
-
-
 def merge_windows(grids: np.ndarray, boxes: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
     """(K, gh, gw, Q) per-window patch logits -> (H, W, Q) per-pixel mean over windows.
 

@@ -131,7 +131,13 @@ def test_preprocess_matches_fixture_crop0(name):
 
 
 # ---------------------------------------------------------------------------------------------
-# resize_bilinear vs torch
+# resize_bilinear_hwc vs torch (checked channel-first, as torch lays it out)
+
+def resize_chw(x, out_hw):
+    """(C, h, w) -> (C, H, W) through the package's channel-last resize."""
+    out = geometry.resize_bilinear_hwc(x.transpose(1, 2, 0), out_hw)
+    return np.ascontiguousarray(out.transpose(2, 0, 1))
+
 
 # Values in [-1, 1] like the cosine logits this function resizes: torch's own float32 source
 # coordinates are off by ~1e-6 relative for non-dyadic ratios, so wider data would test torch.
@@ -151,7 +157,7 @@ def test_resize_bilinear_matches_torch(c, h, w, out_h, out_w):
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(c * 7 + h * 3 + w)
     x = rng.uniform(-1, 1, (c, h, w)).astype(np.float32)
-    got = geometry.resize_bilinear(x, (out_h, out_w))
+    got = resize_chw(x, (out_h, out_w))
     want = torch.nn.functional.interpolate(torch.from_numpy(x)[None], size=(out_h, out_w),
                                            mode="bilinear", align_corners=False)[0].numpy()
     assert got.shape == (c, out_h, out_w) and got.dtype == np.float32
@@ -163,7 +169,7 @@ def test_resize_bilinear_matches_torch(c, h, w, out_h, out_w):
 
 def test_resize_bilinear_does_not_alias_input():
     x = np.ones((2, 3, 3), dtype=np.float32)
-    y = geometry.resize_bilinear(x, (3, 3))
+    y = resize_chw(x, (3, 3))
     y[:] = 5
     assert (x == 1).all()
 
@@ -230,7 +236,7 @@ def test_merge_windows_resizes_each_grid_to_its_box():
 
 def reference_output(logits_chw, out_hw, q2c, num_classes, prob_thd):
     """SPEC §2's output steps in float64, channel-first."""
-    full = geometry.resize_bilinear(logits_chw, out_hw).astype(np.float64) * 40
+    full = resize_chw(logits_chw, out_hw).astype(np.float64) * 40
     e = np.exp(full - full.max(axis=0))
     e /= e.sum(axis=0)
     cp = np.stack([e[q2c == c].max(axis=0) for c in range(num_classes)])
