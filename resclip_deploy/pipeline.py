@@ -28,27 +28,21 @@ def prepass_probs(logits: np.ndarray, image: np.ndarray, logit_scale: float,
     (h, w) int64 argmax query and (h, w) float32 its probability.
 
     Bilinear to the window size, PAMR guided by the window, softmax(logit_scale·x) over queries.
-    PAMR runs on ``blocks`` column blocks of queries, in parallel on ``pool`` when given (scipy
-    releases the GIL): how a single window (whole-image mode) uses every core.
+    PAMR runs as ``blocks`` row blocks in parallel on ``pool`` when given: how a single window
+    (whole-image mode) uses every core.
     """
     q = logits.shape[0]
     h, w = image.shape[1:]
     up = geometry.resize_bilinear_hwc(logits.transpose(1, 2, 0), (h, w)).reshape(h * w, q)
-    affinity = affinity_matrix(image, PAMR_DILATIONS)
-    refined = np.empty_like(up)
-
-    def refine(cols: np.ndarray) -> None:
-        block = np.ascontiguousarray(up[:, cols[0]:cols[-1] + 1])
-        refined[:, cols[0]:cols[-1] + 1] = pamr(block, affinity, PAMR_ITERATIONS)
-
-    parts = [c for c in np.array_split(np.arange(q), blocks) if c.size]
-    list(pool.map(refine, parts) if pool is not None else map(refine, parts))
+    refined = pamr(up, affinity_matrix(image, PAMR_DILATIONS), PAMR_ITERATIONS, pool, blocks)
+    # softmax's largest value is exp(0) / Σ exp(s·(z − max)): argmax and max probability without
+    # normalising the (h·w, Q) array.
     z = refined
     z *= np.float32(logit_scale)
-    z -= z.max(axis=1, keepdims=True)
+    best = z.argmax(axis=1)
+    z -= np.take_along_axis(z, best[:, None], axis=1)
     np.exp(z, out=z)
-    z /= z.sum(axis=1, keepdims=True)
-    return z.argmax(axis=1).reshape(h, w), z.max(axis=1).reshape(h, w)
+    return best.reshape(h, w), (np.float32(1) / z.sum(axis=1)).reshape(h, w)
 
 
 @dataclass
@@ -78,7 +72,7 @@ def sfr_step(prepass_logits: np.ndarray, windows: np.ndarray, params: ResCLIPPar
         if k >= workers:    # windows in parallel: one whole window per thread is fastest
             pre = list(pool.map(lambda i: prepass_probs(grids[i], windows[i],
                                                         params.logit_scale, None, 1), range(k)))
-        else:               # fewer windows than cores: split each window's queries
+        else:               # fewer windows than cores: split each window's pixels
             pre = [prepass_probs(grids[i], windows[i], params.logit_scale, pool, workers // k)
                    for i in range(k)]
     argmax = np.stack([a for a, _ in pre])

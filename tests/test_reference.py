@@ -1,6 +1,8 @@
 """The torch reference: each switch matters, batching is exact, and the pieces agree with
 independent (literal, slow) implementations of the reference code's formulas."""
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import torch
@@ -109,8 +111,12 @@ def test_pamr_equals_the_literal_reference(hw):
     mask = torch.randn(1, 5, *hw, generator=g)
     theirs = literal_pamr(image, mask, 10, (8, 16))[0].numpy()
     flat = mask[0].numpy().reshape(5, -1).T                      # (HW, Q)
-    ours = pamr(flat, affinity_matrix(image[0].numpy(), (8, 16)), 10).T.reshape(5, *hw)
+    affinity = affinity_matrix(image[0].numpy(), (8, 16))
+    ours = pamr(flat, affinity, 10).T.reshape(5, *hw)
     np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)
+    with ThreadPoolExecutor(3) as pool:      # row blocks in threads: the same numbers exactly
+        threaded = pamr(flat, affinity, 10, pool, blocks=3).T.reshape(5, *hw)
+    np.testing.assert_array_equal(threaded, ours)
 
 
 def test_pos_embed_resize_equals_torch_bicubic_by_scale_factor():
