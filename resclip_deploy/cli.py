@@ -12,6 +12,7 @@ from typing import Any, Callable, Optional
 
 import click
 
+from .datasets import LAYOUTS as DATASETS
 from .errors import UserError
 from .params import CONNECTIVITIES, CUSTOM, METHODS, MODES, PRESETS, ResCLIPParams, preset_params
 from .vocab import Vocabulary, preset_vocabulary, resolve_vocabulary
@@ -340,3 +341,80 @@ def _reference_segmenter(model_name: str, pretrained: str, vocab: Vocabulary,
     segmenter = ReferenceSegmenter.from_clip(clip, vocab, params, device=device)
     log.info("text bank built in %.1f s", time.perf_counter() - start)
     return segmenter
+
+
+@click.command("resclip-eval", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--bundle", "bundle_dir", required=True, type=click.Path(file_okay=False),
+              help="The exported bundle to evaluate.")
+@click.option("--dataset", required=True, type=click.Choice(list(DATASETS)),
+              help="Benchmark (its mmseg layout, label mapping and preset).")
+@click.option("--root", required=True, type=click.Path(),
+              help="The dataset folder mmseg's config calls data_root, e.g. "
+                   "data/VOCdevkit/VOC2012 or data/ade/ADEChallengeData2016.")
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="Only the first N images (in mmseg's order).")
+@click.option("--compare", "compare_dir", type=click.Path(file_okay=False), default=None,
+              help="A second bundle run on the same images (e.g. fp32 vs int8): both mIoUs "
+                   "and their pixel agreement.")
+@click.option("--device", default="auto", show_default=True, help="auto|cpu|cuda|tensorrt.")
+@click.option("--threads", type=int, default=None, help="CPU threads for ONNX Runtime.")
+@click.option("--connectivity", type=click.Choice(CONNECTIVITIES), default=None,
+              help="Override the bundle's SFR same-entity test for this run.")
+@click.option("--prob-thd", type=float, default=None, help="Override the bundle's prob_thd.")
+@click.option("--temp-thd", type=float, default=None, help="Override the bundle's temp_thd.")
+@click.option("-o", "--output", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write the report (metrics, per-class IoU, images) as JSON here.")
+@click.option("-q", "--quiet", is_flag=True, help="Only the table, warnings and errors.")
+@user_errors
+def eval_main(bundle_dir: str, dataset: str, root: str, limit: Optional[int],
+              compare_dir: Optional[str], device: str, threads: Optional[int],
+              json_path: Optional[str], quiet: bool, **overrides: Any) -> None:
+    """Evaluate a bundle on a benchmark with mmsegmentation's mIoU: the table on stdout."""
+    _setup_logging(quiet)
+    from .datasets import layout, list_samples
+    from .evaluate import bundle_warnings, evaluate, format_table, report
+    from .io import write_json
+    from .runtime.segmenter import Segmenter
+
+    d = layout(dataset)
+    samples = list_samples(d, root, limit)
+    bundles = [bundle_dir] + ([compare_dir] if compare_dir else [])
+    segmenters = [Segmenter.from_bundle(b, device=device, threads=threads, **overrides)
+                  for b in bundles]
+    for seg, path in zip(segmenters, bundles):
+        for note in bundle_warnings(seg, d, path):
+            log.warning("warning: %s", note)
+    if len(segmenters) > 1 and segmenters[1].vocab.class_names != segmenters[0].vocab.class_names:
+        raise UserError(f"bundles {bundle_dir} and {compare_dir} have different class names; "
+                        "compare bundles of one vocabulary")
+    log.info("%s: %d images under %s", d.title, len(samples), root)
+    status = {"text": ""}
+
+    def on_image(sample: Any, ev: Any) -> None:
+        miou = ev.running_miou()
+        status["text"] = "" if miou is None else f"mIoU so far {miou:.2f}"
+
+    bar = click.progressbar(samples, label="evaluating", file=sys.stderr, show_pos=True,
+                            item_show_func=lambda _: status["text"]) \
+        if not quiet and len(samples) > 1 else contextlib.nullcontext(samples)
+    with bar as items:
+        ev = evaluate(segmenters, bundles, d, items, on_image)
+    rep = report(ev, {"device": device,
+                      "providers": [s.providers for s in segmenters],
+                      "params": [s.params.to_dict() for s in segmenters]})
+    if json_path:
+        write_json(json_path, rep)
+    click.echo(format_table(rep))
+    for path in ev.missing_labels:
+        click.echo(f"error: no label map for {path}", err=True)
+    for f in ev.failed:
+        click.echo(f"error: {f['error']}", err=True)
+    if ev.missing_labels or ev.failed:
+        click.echo(f"error: {len(ev.missing_labels)} image(s) without a label map and "
+                   f"{len(ev.failed)} unreadable, out of {len(samples)}; the metrics count "
+                   f"the {len(ev.images)} others", err=True)
+        sys.exit(EXIT_SOME_FAILED)
+
+
+def eval_entry() -> None:
+    run_command(eval_main)

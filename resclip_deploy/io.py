@@ -30,19 +30,19 @@ def read_image(path: str) -> np.ndarray:
         raise UserError(f"image {path} does not exist") from None
     except OSError as e:
         raise UserError(f"image {path} cannot be read: {e.strerror or e}") from None
-    bgr = _quiet_imdecode(data) if data.size else None
+    bgr = quiet_imdecode(data) if data.size else None
     if bgr is None:
         raise UserError(f"image {path} is empty, corrupt or not an image format OpenCV reads "
                         f"({', '.join(IMAGE_EXTENSIONS)})")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
-def _quiet_imdecode(data: np.ndarray) -> np.ndarray | None:
+def quiet_imdecode(data: np.ndarray, flags: int = cv2.IMREAD_COLOR) -> np.ndarray | None:
     """imdecode without OpenCV's own stderr lines for broken files (we report them by name)."""
     level = cv2.utils.logging.getLogLevel()
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
     try:
-        return cv2.imdecode(data, cv2.IMREAD_COLOR)
+        return cv2.imdecode(data, flags)
     finally:
         cv2.utils.logging.setLogLevel(level)
 

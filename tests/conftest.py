@@ -87,3 +87,13 @@ def bundle_for(tmp_path_factory):
     return get
 
 
+
+
+def _default_sigint():
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+# Popen keyword for children that must get Ctrl-C: a test run started as a background job has
+# SIGINT ignored, the children inherit that, and Python then installs no KeyboardInterrupt.
+CTRL_C_CHILD = {"preexec_fn": _default_sigint}

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import CASES, FIXTURES, TINY, WEIGHTS, case_image, export_args, load_case
+from conftest import (CASES, CTRL_C_CHILD, FIXTURES, TINY, WEIGHTS, case_image, export_args,
+                      load_case)
 from resclip_deploy.cli import export_main, segment_main
 from resclip_deploy.errors import UserError
 
@@ -301,7 +302,8 @@ def test_ctrl_c_during_export_leaves_nothing(tmp_path):
     import time
     exe = os.path.join(os.path.dirname(sys.executable), "resclip-export")
     proc = subprocess.Popen([exe, "--pretrained", str(WEIGHTS), "--preset", "ade20k", "-o",
-                             str(tmp_path / "b"), "-q"], stderr=subprocess.PIPE, text=True)
+                             str(tmp_path / "b"), "-q"], stderr=subprocess.PIPE, text=True,
+                            **CTRL_C_CHILD)
     deadline = time.time() + 120
     while not any(p.name.endswith(".tmp") for p in tmp_path.iterdir()):
         assert proc.poll() is None and time.time() < deadline, "export never started"

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import CASES, FIXTURES
+from conftest import CASES, CTRL_C_CHILD, FIXTURES
 
 SEGMENT = str(Path(sys.executable).parent / "resclip-segment")
 PHOTO = cv2.imread(str(FIXTURES / "images" / "astronaut.png"))          # BGR 512x512
@@ -133,7 +133,7 @@ def test_ctrl_c_finishes_a_playable_video(bundle, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen([SEGMENT, str(tmp_path / "long.mp4"), "-o", str(out), "--bundle",
                              str(bundle), "--device", "cpu", "--save-labels"],
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, **CTRL_C_CHILD)
     deadline = time.time() + 300
     buffer = ""
     while "frames: 3" not in buffer:          # progress line on stderr

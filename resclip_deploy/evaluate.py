@@ -1,0 +1,151 @@
+"""resclip-eval's loop: bundles over a benchmark's images, mmseg's IoU metric (no torch).
+
+Each image is decoded once and segmented by every bundle (``--compare``), with the bundle's own
+pre-processing (its preset's short side, mode and thresholds, SPEC §2), at the original size.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from .datasets import DatasetLayout, Sample, read_label_map
+from .errors import UserError
+from .io import read_image
+from .metrics import IoUAccumulator, reduce_zero_label
+from .params import preset_params
+
+# What each image adds to the report: after it, the running metrics can be shown.
+ImageCallback = Callable[[Sample, "Evaluation"], None]
+
+
+@dataclass
+class Evaluation:
+    dataset: DatasetLayout
+    bundles: list[str]
+    class_names: list[str]
+    accumulators: list[IoUAccumulator]
+    agree: int = 0                   # pixels where the first two bundles give the same label
+    compared: int = 0
+    images: list[dict[str, Any]] = field(default_factory=list)
+    missing_labels: list[str] = field(default_factory=list)
+    failed: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def agreement(self) -> Optional[float]:
+        return self.agree / self.compared if self.compared else None
+
+    def running_miou(self) -> Optional[float]:
+        return self.accumulators[0].summary(self.class_names)["mIoU"]
+
+
+def bundle_warnings(segmenter: Any, d: DatasetLayout, path: str) -> list[str]:
+    """Refuse a bundle whose classes cannot match the dataset's; say where it departs from the
+    dataset's preset (the bundle's own settings are used, never changed)."""
+    classes = segmenter.vocab.class_names
+    if len(classes) != d.num_classes:
+        raise UserError(f"bundle {path} has {len(classes)} classes, {d.name} has "
+                        f"{d.num_classes}: export one with resclip-export --preset {d.name}")
+    notes = []
+    source = segmenter.bundle.manifest["vocabulary"].get("source")
+    if source != f"preset:{d.name}":
+        notes.append(f"bundle {path}: vocabulary from {source}, not the {d.name} preset's")
+    preset = preset_params(d.name)
+    differ = [f"{k}={getattr(segmenter.params, k)!r} (preset {getattr(preset, k)!r})"
+              for k in preset.to_dict()
+              if getattr(segmenter.params, k) != getattr(preset, k)]
+    if differ:
+        notes.append(f"bundle {path}: settings differ from the {d.name} preset: "
+                     + ", ".join(differ))
+    return notes
+
+
+def _ground_truth(sample: Sample, d: DatasetLayout, shape: tuple[int, int]) -> np.ndarray:
+    label = read_label_map(sample.label)
+    if d.reduce_zero_label:
+        label = reduce_zero_label(label)
+    if label.shape != shape:
+        raise UserError(f"label map {sample.label} is {label.shape[1]}x{label.shape[0]}, its "
+                        f"image {shape[1]}x{shape[0]}")
+    return label
+
+
+def evaluate(segmenters: Sequence[Any], bundles: Sequence[str], d: DatasetLayout,
+             samples: Sequence[Sample], on_image: Optional[ImageCallback] = None) -> Evaluation:
+    """Segment every sample with every segmenter and accumulate the metrics.
+
+    Samples without a label file are listed in ``missing_labels``; unreadable ones in
+    ``failed``; neither counts in the metrics.
+    """
+    ev = Evaluation(d, list(bundles), list(segmenters[0].vocab.class_names),
+                    [IoUAccumulator(d.num_classes) for _ in segmenters])
+    for sample in samples:
+        start = time.perf_counter()
+        if sample.label is None:
+            ev.missing_labels.append(sample.image)
+        else:
+            try:
+                rgb = read_image(sample.image)
+                gt = _ground_truth(sample, d, rgb.shape[:2])
+                preds = [s.segment(rgb, with_probs=False).labels for s in segmenters]
+            except UserError as e:
+                ev.failed.append({"image": sample.image, "error": str(e)})
+            else:
+                for acc, pred in zip(ev.accumulators, preds):
+                    acc.add(pred, gt)
+                if len(preds) > 1:
+                    ev.agree += int(np.count_nonzero(preds[0] == preds[1]))
+                    ev.compared += preds[0].size
+                ev.images.append({"id": sample.id, "size": [rgb.shape[1], rgb.shape[0]],
+                                  "seconds": round(time.perf_counter() - start, 4)})
+        if on_image is not None:
+            on_image(sample, ev)
+    return ev
+
+
+def report(ev: Evaluation, settings: dict[str, Any]) -> dict[str, Any]:
+    """The JSON report: per bundle mIoU / aAcc / mAcc and per-class IoU, in percent."""
+    results = []
+    for path, acc in zip(ev.bundles, ev.accumulators):
+        results.append({"bundle": path, **acc.summary(ev.class_names)})
+    return {
+        "dataset": ev.dataset.name, "title": ev.dataset.title,
+        "metric": "mmseg IoUMetric (ignore index 255"
+                  + (", reduce_zero_label" if ev.dataset.reduce_zero_label else "") + ")",
+        "images_evaluated": len(ev.images), "settings": settings, "results": results,
+        "pixel_agreement": ev.agreement,
+        "paper_mIoU": ev.dataset.paper_miou,
+        "missing_labels": ev.missing_labels, "failed": ev.failed, "images": ev.images,
+    }
+
+
+def _pct(x: Optional[float]) -> str:
+    return "   -  " if x is None else f"{x:6.2f}"
+
+
+def format_table(rep: dict[str, Any]) -> str:
+    """Per-class IoU / Acc of each bundle (numbered when compared), then the summary lines."""
+    results = rep["results"]
+    tags = [f" {i + 1}" for i in range(len(results))] if len(results) > 1 else [""]
+    rows = results[0]["per_class"]
+    width = max(len(c["class"]) for c in rows)
+    head = f"{'class':<{width}}" + "".join(f" | {'IoU' + t:>6} | {'Acc' + t:>6}" for t in tags)
+    lines = [head, "-" * len(head)]
+    for i, row in enumerate(rows):
+        lines.append(f"{row['class']:<{width}}" + "".join(
+            f" | {_pct(r['per_class'][i]['IoU'])} | {_pct(r['per_class'][i]['Acc'])}"
+            for r in results))
+    lines.append("")
+    for t, r in zip(tags, results):
+        lines.append(f"{t.strip() + ': ' if t else ''}{r['bundle']}: mIoU {_pct(r['mIoU']).strip()}"
+                     f"  aAcc {_pct(r['aAcc']).strip()}  mAcc {_pct(r['mAcc']).strip()}  "
+                     f"({rep['images_evaluated']} images, {rep['dataset']})")
+    if rep["pixel_agreement"] is not None:
+        lines.append(f"pixel agreement of 1 and 2: {100 * rep['pixel_agreement']:.3f} %")
+    if rep["paper_mIoU"] is not None:
+        lines.append(f"paper (ResCLIP on NACLIP, ViT-B/16, OpenAI weights, all images): mIoU "
+                     f"{rep['paper_mIoU']:.1f}")
+    return "\n".join(lines)
