@@ -405,6 +405,10 @@ def eval_main(bundle_dir: str, dataset: str, root: str, limit: Optional[int],
     if json_path:
         write_json(json_path, rep)
     click.echo(format_table(rep))
+    if ev.interrupted:
+        click.echo(f"error: interrupted after {len(ev.images)} of {len(samples)} images; the "
+                   "metrics above cover those", err=True)
+        sys.exit(130)
     for path in ev.missing_labels:
         click.echo(f"error: no label map for {path}", err=True)
     for f in ev.failed:

@@ -33,6 +33,7 @@ class Evaluation:
     images: list[dict[str, Any]] = field(default_factory=list)
     missing_labels: list[str] = field(default_factory=list)
     failed: list[dict[str, str]] = field(default_factory=list)
+    interrupted: bool = False        # Ctrl-C: the metrics cover the images before it
 
     @property
     def agreement(self) -> Optional[float]:
@@ -82,28 +83,36 @@ def evaluate(segmenters: Sequence[Any], bundles: Sequence[str], d: DatasetLayout
     """
     ev = Evaluation(d, list(bundles), list(segmenters[0].vocab.class_names),
                     [IoUAccumulator(d.num_classes) for _ in segmenters])
-    for sample in samples:
-        start = time.perf_counter()
-        if sample.label is None:
-            ev.missing_labels.append(sample.image)
-        else:
-            try:
-                rgb = read_image(sample.image)
-                gt = _ground_truth(sample, d, rgb.shape[:2])
-                preds = [s.segment(rgb, with_probs=False).labels for s in segmenters]
-            except UserError as e:
-                ev.failed.append({"image": sample.image, "error": str(e)})
-            else:
-                for acc, pred in zip(ev.accumulators, preds):
-                    acc.add(pred, gt)
-                if len(preds) > 1:
-                    ev.agree += int(np.count_nonzero(preds[0] == preds[1]))
-                    ev.compared += preds[0].size
-                ev.images.append({"id": sample.id, "size": [rgb.shape[1], rgb.shape[0]],
-                                  "seconds": round(time.perf_counter() - start, 4)})
-        if on_image is not None:
-            on_image(sample, ev)
+    try:
+        for sample in samples:
+            _evaluate_one(segmenters, d, sample, ev)
+            if on_image is not None:
+                on_image(sample, ev)
+    except KeyboardInterrupt:
+        ev.interrupted = True
     return ev
+
+
+def _evaluate_one(segmenters: Sequence[Any], d: DatasetLayout, sample: Sample,
+                  ev: Evaluation) -> None:
+    start = time.perf_counter()
+    if sample.label is None:
+        ev.missing_labels.append(sample.image)
+        return
+    try:
+        rgb = read_image(sample.image)
+        gt = _ground_truth(sample, d, rgb.shape[:2])
+        preds = [s.segment(rgb, with_probs=False).labels for s in segmenters]
+    except UserError as e:
+        ev.failed.append({"image": sample.image, "error": str(e)})
+        return
+    for acc, pred in zip(ev.accumulators, preds):
+        acc.add(pred, gt)
+    if len(preds) > 1:
+        ev.agree += int(np.count_nonzero(preds[0] == preds[1]))
+        ev.compared += preds[0].size
+    ev.images.append({"id": sample.id, "size": [rgb.shape[1], rgb.shape[0]],
+                      "seconds": round(time.perf_counter() - start, 4)})
 
 
 def report(ev: Evaluation, settings: dict[str, Any]) -> dict[str, Any]:
@@ -115,7 +124,8 @@ def report(ev: Evaluation, settings: dict[str, Any]) -> dict[str, Any]:
         "dataset": ev.dataset.name, "title": ev.dataset.title,
         "metric": "mmseg IoUMetric (ignore index 255"
                   + (", reduce_zero_label" if ev.dataset.reduce_zero_label else "") + ")",
-        "images_evaluated": len(ev.images), "settings": settings, "results": results,
+        "images_evaluated": len(ev.images), "interrupted": ev.interrupted,
+        "settings": settings, "results": results,
         "pixel_agreement": ev.agreement,
         "paper_mIoU": ev.dataset.paper_miou,
         "missing_labels": ev.missing_labels, "failed": ev.failed, "images": ev.images,

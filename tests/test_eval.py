@@ -399,3 +399,29 @@ def test_eval_never_imports_torch(bundle_for, tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "mIoU" in result.stdout
+
+
+def test_ctrl_c_reports_the_images_done(bundle_for, tmp_path, monkeypatch):
+    from resclip_deploy.runtime.segmenter import Segmenter
+    bundle = bundle_for(case_by_name("ade20k_chelsea"))
+    root = tmp_path / "data"
+    preds, gts = build_eval_dataset("ade20k", root, bundle)
+    calls = []
+    segment = Segmenter.segment
+
+    def interrupt_second(self, rgb, with_probs=True):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return segment(self, rgb, with_probs)
+
+    monkeypatch.setattr(Segmenter, "segment", interrupt_second)
+    out = tmp_path / "r.json"
+    result = CliRunner().invoke(eval_main, ["--bundle", str(bundle), "--dataset", "ade20k",
+                                            "--root", str(root), "-o", str(out), "-q"])
+    assert result.exit_code == 130
+    assert "interrupted after 1 of 2 images" in result.output
+    rep = json.loads(out.read_text())
+    assert rep["interrupted"] and rep["images_evaluated"] == 1
+    assert rep["results"][0]["mIoU"] == pytest.approx(
+        confusion_metrics(preds[:1], gts[:1], 150)["mIoU"], rel=1e-12)
