@@ -100,10 +100,28 @@ def layout(name: str) -> DatasetLayout:
 
 def _require(path: str, what: str, d: DatasetLayout, root: str) -> None:
     if not os.path.exists(path):
+        found = _root_below(d, root) if what == "the image folder" else None
+        hint = f" Found the layout under {found}: use --root {found}." if found else ""
         raise UserError(
-            f"{d.name}: {what} {path} is missing. --root must be the dataset folder mmseg's "
-            f"configs call data_root (e.g. {d.root_example}), holding {d.images}/ and "
+            f"{d.name}: {what} {path} is missing.{hint} --root must be the dataset folder "
+            f"mmseg's configs call data_root (e.g. {d.root_example}), holding {d.images}/ and "
             f"{d.labels}/{' and ' + d.split if d.split else ''}. Preparation: {d.prepare}.")
+
+
+def _root_below(d: DatasetLayout, root: str, depth: int = 3) -> Optional[str]:
+    """A folder at most ``depth`` levels below ``root`` that holds the layout's image folder:
+    users often pass the download's top folder (data/VOCdevkit for VOCdevkit/VOC2012)."""
+    if not os.path.isdir(root):
+        return None
+    for parent, dirs, _ in os.walk(root):
+        rel = os.path.relpath(parent, root)
+        if (0 if rel == "." else rel.count(os.sep) + 1) >= depth:
+            dirs.clear()
+            continue
+        dirs.sort()
+        if parent != root and os.path.isdir(os.path.join(parent, d.images)):
+            return parent
+    return None
 
 
 def _ids_in(folder: str, suffix: str) -> list[str]:
@@ -138,13 +156,18 @@ def list_samples(d: DatasetLayout, root: str, limit: Optional[int] = None) -> li
     if not ids:
         raise UserError(f"{d.name}: no images ending in {d.image_suffix} under {images}. "
                         f"Preparation: {d.prepare}.")
-    ids = ids[:limit] if limit is not None else ids
     samples = []
     for i in ids:
         label = os.path.join(labels, i + d.label_suffix)
         samples.append(Sample(i, os.path.join(images, i + d.image_suffix),
                               label if os.path.isfile(label) else None))
-    return samples
+    if all(s.label is None for s in samples):
+        # Not a few missing files: the labels were never converted (e.g. Cityscapes' gtFine
+        # holds *_labelIds.png until mmseg's script writes *_labelTrainIds.png).
+        raise UserError(f"{d.name}: none of the {len(samples)} images has a label map "
+                        f"({os.path.join(labels, ids[0] + d.label_suffix)} and the others are "
+                        f"missing). Preparation: {d.prepare}.")
+    return samples[:limit] if limit is not None else samples
 
 
 def _png_palette(data: bytes) -> Optional[np.ndarray]:

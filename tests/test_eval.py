@@ -425,3 +425,45 @@ def test_ctrl_c_reports_the_images_done(bundle_for, tmp_path, monkeypatch):
     assert rep["interrupted"] and rep["images_evaluated"] == 1
     assert rep["results"][0]["mIoU"] == pytest.approx(
         confusion_metrics(preds[:1], gts[:1], 150)["mIoU"], rel=1e-12)
+
+
+def test_root_one_level_too_high_is_pointed_out(tmp_path):
+    rgb, classes = np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.int64)
+    write_dataset("voc20", tmp_path / "VOCdevkit" / "VOC2012", {"2007_000033": (rgb, classes)})
+    result = CliRunner().invoke(eval_main, ["--bundle", str(tmp_path), "--dataset", "voc20",
+                                            "--root", str(tmp_path / "VOCdevkit")])
+    assert result.exit_code == 2
+    assert f"use --root {tmp_path / 'VOCdevkit' / 'VOC2012'}" in result.output
+
+
+def test_labels_never_converted_name_the_preparation_step(tmp_path):
+    """Cityscapes as downloaded: gtFine has *_labelIds.png, not mmseg's *_labelTrainIds.png."""
+    root = tmp_path / "cityscapes"
+    ids = sample_ids("city_scapes")
+    write_dataset("city_scapes", root, {i: (np.zeros((8, 8, 3), np.uint8), None) for i in ids})
+    for i in ids:
+        write_label(root / f"gtFine/val/{i}_gtFine_labelIds.png", np.zeros((8, 8)), False)
+    result = CliRunner().invoke(eval_main, ["--bundle", str(tmp_path), "--dataset",
+                                            "city_scapes", "--root", str(root)])
+    assert result.exit_code == 2
+    assert "none of the 2 images has a label map" in result.output
+    assert "tools/dataset_converters/cityscapes.py" in result.output
+
+
+def test_unreadable_image_and_mismatched_label_are_reported_by_name(bundle_for, tmp_path):
+    bundle = bundle_for(case_by_name("ade20k_chelsea"))
+    root = tmp_path / "data"
+    preds, gts = build_eval_dataset("ade20k", root, bundle)
+    (root / "images/validation/broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    write_label(root / "annotations/validation/broken.png", np.ones((8, 8)), False)
+    write_image(root / "images/validation/small.jpg", np.zeros((40, 60, 3), np.uint8))
+    write_label(root / "annotations/validation/small.png", np.ones((41, 60)), False)
+    out = tmp_path / "r.json"
+    result = CliRunner().invoke(eval_main, ["--bundle", str(bundle), "--dataset", "ade20k",
+                                            "--root", str(root), "-o", str(out), "-q"])
+    assert result.exit_code == 1
+    assert "broken.jpg" in result.output and "small.png is 60x41, its image 60x40" in \
+        result.output
+    rep = json.loads(out.read_text())
+    assert rep["images_evaluated"] == 2 and len(rep["failed"]) == 2
+    assert_same_metrics(rep["results"][0], confusion_metrics(preds, gts, 150))
