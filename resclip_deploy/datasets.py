@@ -204,8 +204,8 @@ def _palette_indices(bgr: np.ndarray, palette: np.ndarray, path: str) -> np.ndar
 
 
 def read_label_map(path: str) -> np.ndarray:
-    """A label PNG -> (H, W) uint8 class indices: grayscale values, or the palette indices of a
-    palette PNG (what PIL's 'P' mode gives mmseg)."""
+    """A label PNG -> (H, W) class indices: 8/16-bit grayscale values, or the (uint8) palette
+    indices of a palette PNG (what PIL's 'P' mode gives mmseg)."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -218,8 +218,8 @@ def read_label_map(path: str) -> np.ndarray:
     palette = _png_palette(data)
     if palette is not None:
         return _palette_indices(array[..., :3], palette, path)
-    if array.ndim != 2 or array.dtype != np.uint8:
-        raise UserError(f"label map {path}: expected 8-bit class indices (grayscale or palette "
-                        f"PNG), got {array.dtype} with shape {array.shape}; run the dataset's "
-                        "preparation step")
+    if array.ndim != 2 or array.dtype not in (np.uint8, np.uint16):
+        raise UserError(f"label map {path}: expected class indices (8/16-bit grayscale or "
+                        f"palette PNG), got {array.dtype} with shape {array.shape}; run the "
+                        "dataset's preparation step")
     return array

@@ -20,9 +20,11 @@ IGNORE_INDEX = 255
 def reduce_zero_label(label: np.ndarray) -> np.ndarray:
     """mmseg's reduce_zero_label: 0 (background / "other") -> ignore, every other class − 1.
 
-    Done in uint8 as mmseg does, so 255 stays ignored.
+    The same steps as mmseg on an unsigned array (8- or 16-bit), so 255 stays ignored.
     """
-    out = label.astype(np.uint8, copy=True)
+    if label.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"label maps are 8- or 16-bit unsigned, not {label.dtype}")
+    out = label.copy()
     out[out == 0] = 255
     out -= 1
     out[out == 254] = 255

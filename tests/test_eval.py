@@ -171,9 +171,21 @@ def test_metric_equals_an_independent_confusion_matrix():
                         confusion_metrics(preds, gts, 12))
 
 
-def test_reduce_zero_label_is_mmsegs():
-    label = np.array([[0, 1, 2], [150, 254, 255]], dtype=np.uint8)
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_reduce_zero_label_is_mmsegs(dtype):
+    label = np.array([[0, 1, 2], [150, 254, 255]], dtype=dtype)
     np.testing.assert_array_equal(reduce_zero_label(label), [[255, 0, 1], [149, 253, 255]])
+
+
+def test_16_bit_label_maps_read_as_class_indices(tmp_path):
+    stored = np.array([[0, 1, 300], [255, 7, 65535]], dtype=np.uint16)
+    assert cv2.imwrite(str(tmp_path / "l16.png"), stored)
+    label = read_label_map(str(tmp_path / "l16.png"))
+    np.testing.assert_array_equal(label, stored)
+    # class 300 of a 150-class dataset is in no class; 255 is ignored
+    s = summarize(areas(np.array([[5, 0, 0], [1, 7, 1]]), reduce_zero_label(label), 150),
+                  [str(i) for i in range(150)])
+    assert s["labelled_pixels"] == 2 and s["aAcc"] == 50.0
 
 
 # ---- label files ----------------------------------------------------------------------------
@@ -192,7 +204,7 @@ def test_palette_and_grayscale_label_maps_read_as_class_indices(tmp_path):
 def test_unusable_label_maps_are_named(tmp_path):
     cv2.imwrite(str(tmp_path / "rgb.png"), np.zeros((4, 4, 3), np.uint8))
     (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
-    for f, words in [("rgb.png", "8-bit class indices"), ("bad.png", "not a readable image"),
+    for f, words in [("rgb.png", "expected class indices"), ("bad.png", "not a readable image"),
                      ("none.png", "cannot read")]:
         with pytest.raises(UserError, match=words) as e:
             read_label_map(str(tmp_path / f))
