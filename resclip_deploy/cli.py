@@ -364,11 +364,15 @@ def _reference_segmenter(model_name: str, pretrained: str, vocab: Vocabulary,
 @click.option("--temp-thd", type=float, default=None, help="Override the bundle's temp_thd.")
 @click.option("-o", "--output", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the report (metrics, per-class IoU, images) as JSON here.")
+@click.option("--save-predictions", "save_dir", type=click.Path(file_okay=False), default=None,
+              help="Write the (first) bundle's <id>.png label map and <id>_overlay.jpg of "
+                   "each image here, to look at what it got wrong.")
 @click.option("-q", "--quiet", is_flag=True, help="Only the table, warnings and errors.")
 @user_errors
 def eval_main(bundle_dir: str, dataset: str, root: str, limit: Optional[int],
               compare_dir: Optional[str], device: str, threads: Optional[int],
-              json_path: Optional[str], quiet: bool, **overrides: Any) -> None:
+              json_path: Optional[str], save_dir: Optional[str], quiet: bool,
+              **overrides: Any) -> None:
     """Evaluate a bundle on a benchmark with mmsegmentation's mIoU: the table on stdout."""
     _setup_logging(quiet)
     from .datasets import layout, list_samples
@@ -398,7 +402,7 @@ def eval_main(bundle_dir: str, dataset: str, root: str, limit: Optional[int],
                             item_show_func=lambda _: status["text"]) \
         if not quiet and len(samples) > 1 else contextlib.nullcontext(samples)
     with bar as items:
-        ev = evaluate(segmenters, bundles, d, items, on_image)
+        ev = evaluate(segmenters, bundles, d, items, on_image, save_dir)
     rep = report(ev, {"device": device,
                       "providers": [s.providers for s in segmenters],
                       "params": [s.params.to_dict() for s in segmenters]})

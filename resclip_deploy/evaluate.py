@@ -6,6 +6,7 @@ pre-processing (its preset's short side, mode and thresholds, SPEC §2), at the 
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -14,8 +15,8 @@ import numpy as np
 
 from .datasets import DatasetLayout, Sample, read_label_map
 from .errors import UserError
-from .io import read_image
-from .metrics import IoUAccumulator, reduce_zero_label
+from .io import read_image, write_overlay, write_segmentation
+from .metrics import IoUAccumulator, areas, reduce_zero_label
 from .params import preset_params
 
 # What each image adds to the report: after it, the running metrics can be shown.
@@ -75,17 +76,19 @@ def _ground_truth(sample: Sample, d: DatasetLayout, shape: tuple[int, int]) -> n
 
 
 def evaluate(segmenters: Sequence[Any], bundles: Sequence[str], d: DatasetLayout,
-             samples: Sequence[Sample], on_image: Optional[ImageCallback] = None) -> Evaluation:
+             samples: Sequence[Sample], on_image: Optional[ImageCallback] = None,
+             save_dir: Optional[str] = None) -> Evaluation:
     """Segment every sample with every segmenter and accumulate the metrics.
 
     Samples without a label file are listed in ``missing_labels``; unreadable ones in
-    ``failed``; neither counts in the metrics.
+    ``failed``; neither counts in the metrics. ``save_dir``: the first bundle's label map and
+    overlay of each image go there (<id>.png, <id>_overlay.jpg; '/' in ids becomes '__').
     """
     ev = Evaluation(d, list(bundles), list(segmenters[0].vocab.class_names),
                     [IoUAccumulator(d.num_classes) for _ in segmenters])
     try:
         for sample in samples:
-            _evaluate_one(segmenters, d, sample, ev)
+            _evaluate_one(segmenters, d, sample, ev, save_dir)
             if on_image is not None:
                 on_image(sample, ev)
     except KeyboardInterrupt:
@@ -94,7 +97,7 @@ def evaluate(segmenters: Sequence[Any], bundles: Sequence[str], d: DatasetLayout
 
 
 def _evaluate_one(segmenters: Sequence[Any], d: DatasetLayout, sample: Sample,
-                  ev: Evaluation) -> None:
+                  ev: Evaluation, save_dir: Optional[str]) -> None:
     start = time.perf_counter()
     if sample.label is None:
         ev.missing_labels.append(sample.image)
@@ -102,16 +105,25 @@ def _evaluate_one(segmenters: Sequence[Any], d: DatasetLayout, sample: Sample,
     try:
         rgb = read_image(sample.image)
         gt = _ground_truth(sample, d, rgb.shape[:2])
-        preds = [s.segment(rgb, with_probs=False).labels for s in segmenters]
+        segs = [s.segment(rgb, with_probs=False) for s in segmenters]
     except UserError as e:
         ev.failed.append({"image": sample.image, "error": str(e)})
         return
-    for acc, pred in zip(ev.accumulators, preds):
-        acc.add(pred, gt)
-    if len(preds) > 1:
-        ev.agree += int(np.count_nonzero(preds[0] == preds[1]))
-        ev.compared += preds[0].size
+    accuracy = []
+    for acc, seg in zip(ev.accumulators, segs):
+        counts = areas(seg.labels, gt, d.num_classes)
+        acc.add_areas(counts)
+        accuracy.append(round(100 * counts[0].sum() / counts[2].sum(), 4)
+                        if counts[2].sum() else None)
+    if len(segs) > 1:
+        ev.agree += int(np.count_nonzero(segs[0].labels == segs[1].labels))
+        ev.compared += segs[0].labels.size
+    if save_dir is not None:
+        stem = sample.id.replace("/", "__").replace(os.sep, "__")
+        write_segmentation(save_dir, stem, segs[0], save_probs=False)
+        write_overlay(save_dir, stem, rgb, segs[0])
     ev.images.append({"id": sample.id, "size": [rgb.shape[1], rgb.shape[0]],
+                      "pixel_accuracy": accuracy,
                       "seconds": round(time.perf_counter() - start, 4)})
 
 

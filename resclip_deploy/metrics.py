@@ -66,7 +66,11 @@ class IoUAccumulator:
         self.totals = np.zeros((3, self.num_classes), dtype=np.int64)
 
     def add(self, pred: np.ndarray, label: np.ndarray) -> None:
-        self.totals += areas(pred, label, self.num_classes, self.ignore_index)
+        self.add_areas(areas(pred, label, self.num_classes, self.ignore_index))
+
+    def add_areas(self, counts: np.ndarray) -> None:
+        """One image's (3, C) areas from :func:`areas`."""
+        self.totals += counts
         self.images += 1
 
     def summary(self, class_names: list[str]) -> dict:

@@ -318,16 +318,24 @@ def test_eval_reports_the_constructed_metrics(name, eval_bundle, tmp_path):
     bundle = eval_bundle(name)
     root = tmp_path / "data"
     preds, gts = build_eval_dataset(name, root, bundle)
-    out = tmp_path / "report.json"
+    out, saved = tmp_path / "report.json", tmp_path / "predictions"
     result = CliRunner().invoke(eval_main, ["--bundle", str(bundle), "--dataset", name,
                                             "--root", str(root), "--device", "cpu",
-                                            "-o", str(out)])
+                                            "-o", str(out), "--save-predictions", str(saved)])
     assert result.exit_code == 0, result.output
     rep = json.loads(out.read_text())
     ours = rep["results"][0]
     assert rep["images_evaluated"] == 2 and ours["mIoU"] < 100
     assert_same_metrics(ours, confusion_metrics(preds, gts, NUM_CLASSES[name]))
     assert f"mIoU {ours['mIoU']:.2f}" in result.output
+    for i, pred, gt, entry in zip(sample_ids(name), preds, gts, rep["images"]):
+        keep = gt != 255
+        assert entry["pixel_accuracy"] == [pytest.approx(100 * np.mean(pred[keep] == gt[keep]),
+                                                         abs=1e-4)]
+        stem = i.replace("/", "__")
+        np.testing.assert_array_equal(cv2.imread(str(saved / f"{stem}.png"),
+                                                 cv2.IMREAD_UNCHANGED), pred)
+        assert (saved / f"{stem}_overlay.jpg").is_file()
 
 
 @pytest.mark.parametrize("name", sorted(LAYOUT))
