@@ -11,9 +11,11 @@ gains little there (BENCHMARKS.md); it pays where the graphs run on a GPU.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Optional
 
@@ -33,6 +35,7 @@ os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv",
                     ".flv", ".gif")
 _END = object()
+THREAD_PREFIX = "resclip-video-"
 # A stream that fails this many reads in a row has ended (or is truncated).
 MAX_CONSECUTIVE_FAILURES = 25
 
@@ -170,7 +173,7 @@ class VideoEngine:
             self._split(item_batch, seg.run_graph("head", feeds), "logits")
 
         threads = [threading.Thread(target=self._guard, args=(produce, stop, queues[0]),
-                                    daemon=True),
+                                    daemon=True, name=f"{THREAD_PREFIX}read"),
                    self._stage(queues[0], queues[1], encoder, True, stop),
                    self._stage(queues[1], queues[2], sfr, False, stop),
                    self._stage(queues[2], queues[3], head, True, stop)]
@@ -193,10 +196,7 @@ class VideoEngine:
                                           result.class_names)
                 yield item.index, item.rgb, result
         finally:
-            stop.set()
-            for q in queues:              # unblock producers waiting on full queues
-                while not q.empty():
-                    q.get_nowait()
+            _shut_down(threads, queues, stop)
 
     def _first_graph(self) -> str:
         return "segmenter" if "segmenter" in self.seg.sessions else "encoder"
@@ -241,7 +241,8 @@ class VideoEngine:
                 if ended is not None:
                     sink.put(ended)
                     return
-        return threading.Thread(target=self._guard, args=(loop, stop, sink), daemon=True)
+        return threading.Thread(target=self._guard, args=(loop, stop, sink), daemon=True,
+                                name=f"{THREAD_PREFIX}{work.__name__}")
 
     @staticmethod
     def _guard(fn, stop: threading.Event, sink: queue.Queue) -> None:
@@ -251,6 +252,25 @@ class VideoEngine:
         except BaseException as e:  # noqa: B036 — re-raised in the caller's thread
             stop.set()
             sink.put(e)
+
+
+def _shut_down(threads: list[threading.Thread], queues: list[queue.Queue],
+               stop: threading.Event, timeout: float = 30.0) -> None:
+    """Stop the stages and wait for them, so that no thread still reads the capture or runs a
+    graph when the caller releases them (Ctrl-C, an error, or an early stop). Stages finish the
+    frame in hand: queues are drained (a full one blocks its producer) and fed an end marker (an
+    empty one blocks its consumer) until every thread has returned."""
+    stop.set()
+    deadline = time.monotonic() + timeout
+    while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
+        for q in queues:
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    q.get_nowait()
+            with contextlib.suppress(queue.Full):
+                q.put_nowait(_END)
+        for t in threads:
+            t.join(timeout=0.01)
 
 
 def engine_stats(info: VideoInfo, stats: ReadStats, written: int, seconds: float,
@@ -288,7 +308,6 @@ def segment_video(source: str, segmenter: Segmenter, outdir: str, options: Video
     label PNGs and a streamed .npz of label maps. Every file is written under a temporary name
     and renamed when finished, also after Ctrl-C (the frames done so far play).
     """
-    import time
     import zipfile
 
     from resclip_deploy.io import label_png_bytes

@@ -87,6 +87,30 @@ def test_engine_batches_frames_and_keeps_order(bundle):
                                           seg.segment(rgb, with_probs=False).labels)
 
 
+def test_stopping_early_waits_for_every_stage(bundle):
+    """After the consumer stops (Ctrl-C, an error), no engine thread still reads the source or
+    runs a graph: the caller may release the capture and the sessions right away."""
+    import threading
+    from resclip_deploy.runtime.segmenter import Segmenter
+    from resclip_deploy.runtime.video import THREAD_PREFIX, VideoEngine
+    seg = Segmenter.from_bundle(str(bundle), device="cpu")
+    rng = np.random.default_rng(1)
+    drawn = []
+
+    def source():
+        for i in range(50):
+            drawn.append(i)
+            yield i, rng.integers(0, 256, (120, 170, 3), dtype=np.uint8)
+
+    results = VideoEngine(seg).run(source())
+    next(results)
+    results.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith(THREAD_PREFIX)]
+    taken = len(drawn)
+    time.sleep(0.3)
+    assert len(drawn) == taken < 50
+
+
 def test_smoothing_blends_frames(bundle):
     from resclip_deploy.runtime.segmenter import Segmenter
     from resclip_deploy.runtime.video import VideoEngine
