@@ -98,10 +98,8 @@ def layout(name: str) -> DatasetLayout:
     return LAYOUTS[name]
 
 
-def _require(path: str, what: str, d: DatasetLayout, root: str) -> None:
+def _require(path: str, what: str, d: DatasetLayout, hint: str = "") -> None:
     if not os.path.exists(path):
-        found = _root_below(d, root) if what == "the image folder" else None
-        hint = f" Found the layout under {found}: use --root {found}." if found else ""
         raise UserError(
             f"{d.name}: {what} {path} is missing.{hint} --root must be the dataset folder "
             f"mmseg's configs call data_root (e.g. {d.root_example}), holding {d.images}/ and "
@@ -128,8 +126,7 @@ def _ids_in(folder: str, suffix: str) -> list[str]:
     """Ids of the files ending in ``suffix`` under ``folder``, recursively (cities are
     sub-folders), sorted by path as mmseg sorts its data list."""
     ids = []
-    for parent, dirs, files in os.walk(folder):
-        dirs.sort()
+    for parent, _, files in os.walk(folder):
         rel = os.path.relpath(parent, folder)
         for f in files:
             if f.endswith(suffix):
@@ -144,12 +141,15 @@ def _read_split(path: str) -> list[str]:
 
 def list_samples(d: DatasetLayout, root: str, limit: Optional[int] = None) -> list[Sample]:
     """The evaluation images of ``d`` under ``root`` in mmseg's order (the first ``limit``)."""
-    _require(root, "the dataset root", d, root)
+    _require(root, "the dataset root", d)
     images, labels = os.path.join(root, d.images), os.path.join(root, d.labels)
-    _require(images, "the image folder", d, root)
-    _require(labels, "the label folder", d, root)
+    if not os.path.exists(images):
+        found = _root_below(d, root)
+        _require(images, "the image folder", d,
+                 f" Found the layout under {found}: use --root {found}." if found else "")
+    _require(labels, "the label folder", d)
     if d.split is not None:
-        _require(os.path.join(root, d.split), "the split file", d, root)
+        _require(os.path.join(root, d.split), "the split file", d)
         ids = _read_split(os.path.join(root, d.split))
     else:
         ids = _ids_in(images, d.image_suffix)

@@ -30,7 +30,6 @@ class Evaluation:
     class_names: list[str]
     accumulators: list[IoUAccumulator]
     agree: int = 0                   # pixels where the first two bundles give the same label
-    compared: int = 0
     images: list[dict[str, Any]] = field(default_factory=list)
     missing_labels: list[str] = field(default_factory=list)
     failed: list[dict[str, str]] = field(default_factory=list)
@@ -38,7 +37,8 @@ class Evaluation:
 
     @property
     def agreement(self) -> Optional[float]:
-        return self.agree / self.compared if self.compared else None
+        compared = sum(w * h for w, h in (i["size"] for i in self.images))
+        return self.agree / compared if len(self.bundles) > 1 and compared else None
 
     def running_miou(self) -> Optional[float]:
         return self.accumulators[0].summary(self.class_names)["mIoU"]
@@ -88,7 +88,7 @@ def evaluate(segmenters: Sequence[Any], bundles: Sequence[str], d: DatasetLayout
                     [IoUAccumulator(d.num_classes) for _ in segmenters])
     try:
         for sample in samples:
-            _evaluate_one(segmenters, d, sample, ev, save_dir)
+            _evaluate_one(segmenters, sample, ev, save_dir)
             if on_image is not None:
                 on_image(sample, ev)
     except KeyboardInterrupt:
@@ -96,28 +96,27 @@ def evaluate(segmenters: Sequence[Any], bundles: Sequence[str], d: DatasetLayout
     return ev
 
 
-def _evaluate_one(segmenters: Sequence[Any], d: DatasetLayout, sample: Sample,
-                  ev: Evaluation, save_dir: Optional[str]) -> None:
+def _evaluate_one(segmenters: Sequence[Any], sample: Sample, ev: Evaluation,
+                  save_dir: Optional[str]) -> None:
     start = time.perf_counter()
     if sample.label is None:
         ev.missing_labels.append(sample.image)
         return
     try:
         rgb = read_image(sample.image)
-        gt = _ground_truth(sample, d, rgb.shape[:2])
+        gt = _ground_truth(sample, ev.dataset, rgb.shape[:2])
         segs = [s.segment(rgb, with_probs=False) for s in segmenters]
     except UserError as e:
         ev.failed.append({"image": sample.image, "error": str(e)})
         return
     accuracy = []
     for acc, seg in zip(ev.accumulators, segs):
-        counts = areas(seg.labels, gt, d.num_classes)
+        counts = areas(seg.labels, gt, ev.dataset.num_classes)
         acc.add_areas(counts)
-        accuracy.append(round(100 * counts[0].sum() / counts[2].sum(), 4)
-                        if counts[2].sum() else None)
+        labelled = counts[2].sum()
+        accuracy.append(round(100 * counts[0].sum() / labelled, 4) if labelled else None)
     if len(segs) > 1:
         ev.agree += int(np.count_nonzero(segs[0].labels == segs[1].labels))
-        ev.compared += segs[0].labels.size
     if save_dir is not None:
         stem = sample.id.replace("/", "__").replace(os.sep, "__")
         write_segmentation(save_dir, stem, segs[0], save_probs=False)

@@ -88,7 +88,8 @@ def merge_windows(grids: np.ndarray, boxes: np.ndarray, out_hw: tuple[int, int])
         canvas[y1:y2, x1:x2] += resize_bilinear_hwc(grid, (int(y2 - y1), int(x2 - x1)))
         count[y1:y2, x1:x2] += 1
     assert count.min() > 0, "windows must cover the image"
-    canvas /= count[:, :, None]
+    if count.max() > 1:             # whole mode: one window, nothing to average
+        canvas /= count[:, :, None]
     return canvas
 
 

@@ -49,8 +49,7 @@ def areas(pred: np.ndarray, label: np.ndarray, num_classes: int,
 
 
 def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(den > 0, num / np.maximum(den, 1), np.nan)
+    return np.where(den > 0, num / np.maximum(den, 1), np.nan)
 
 
 @dataclass
@@ -60,7 +59,6 @@ class IoUAccumulator:
     num_classes: int
     ignore_index: int = IGNORE_INDEX
     totals: np.ndarray = field(init=False)
-    images: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         self.totals = np.zeros((3, self.num_classes), dtype=np.int64)
@@ -71,7 +69,6 @@ class IoUAccumulator:
     def add_areas(self, counts: np.ndarray) -> None:
         """One image's (3, C) areas from :func:`areas`."""
         self.totals += counts
-        self.images += 1
 
     def summary(self, class_names: list[str]) -> dict:
         """Percentages: aAcc, mIoU, mAcc and per-class IoU / Acc (None where undefined)."""
