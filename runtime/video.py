@@ -52,8 +52,9 @@ class VideoInfo:
     frames: Optional[int]            # None for cameras and streams
 
 
-def open_video(source: str) -> tuple[cv2.VideoCapture, VideoInfo]:
-    """Open a file, camera index or URL; a clear error when it cannot be read."""
+def open_video(source: str) -> tuple[cv2.VideoCapture, VideoInfo, np.ndarray]:
+    """Open a file, camera index or URL; a clear error when it cannot be read. Returns the first
+    frame (BGR) too: it was read to check the source, and a live source cannot rewind."""
     is_file = not (source.isdigit() or "://" in source)
     if is_file and not os.path.isfile(source):
         raise UserError(f"video {source} does not exist")
@@ -65,11 +66,8 @@ def open_video(source: str) -> tuple[cv2.VideoCapture, VideoInfo]:
                         "empty file, or an unreachable camera/stream)")
     fps = cap.get(cv2.CAP_PROP_FPS)
     count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) if is_file else 0
-    cap.set(cv2.CAP_PROP_POS_FRAMES, 0) if is_file else None
     info = VideoInfo(fps if fps and fps > 0 else 25.0, frame.shape[:2], count or None)
-    if not is_file:                   # a live source cannot rewind: keep the first frame
-        cap.first_frame = frame       # type: ignore[attr-defined]
-    return cap, info
+    return cap, info, frame
 
 
 @dataclass
@@ -78,15 +76,16 @@ class ReadStats:
     skipped_corrupt: int = 0
 
 
-def read_frames(cap: cv2.VideoCapture, info: VideoInfo, stride: int,
+def read_frames(cap: cv2.VideoCapture, info: VideoInfo, first: np.ndarray, stride: int,
                 max_frames: Optional[int], stats: ReadStats) -> Iterator[tuple[int, np.ndarray]]:
-    """(frame index, RGB uint8) every ``stride`` frames, at most ``max_frames``.
+    """(frame index, RGB uint8) every ``stride`` frames, at most ``max_frames``; ``first`` is
+    the frame :func:`open_video` read.
 
     A frame that fails to decode before the known end is counted and skipped; many failures in a
     row end the stream.
     """
     index, failures, yielded = -1, 0, 0
-    pending = getattr(cap, "first_frame", None)
+    pending: Optional[np.ndarray] = first
     while max_frames is None or yielded < max_frames:
         if pending is not None:
             ok, frame, pending = True, pending, None
@@ -315,7 +314,7 @@ def segment_video(source: str, segmenter: Segmenter, outdir: str, options: Video
 
     if options.stride < 1 or (options.max_frames is not None and options.max_frames < 1):
         raise UserError("--frame-stride and --max-frames must be at least 1")
-    cap, info = open_video(source)
+    cap, info, first = open_video(source)
     stem = video_stem(source)
     os.makedirs(outdir, exist_ok=True)
     final = {"video": os.path.join(outdir, f"{stem}_overlay.mp4")}
@@ -338,7 +337,7 @@ def segment_video(source: str, segmenter: Segmenter, outdir: str, options: Video
     engine = VideoEngine(segmenter, options.frames_per_batch, smoothing=options.smoothing)
     start = time.perf_counter()
     try:
-        for index, rgb, result in engine.run(read_frames(cap, info, options.stride,
+        for index, rgb, result in engine.run(read_frames(cap, info, first, options.stride,
                                                          options.max_frames, stats)):
             if rgb.shape[:2] != info.size:
                 raise UserError(f"video {source}: frame {index} is {rgb.shape[1]}x"

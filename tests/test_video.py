@@ -73,6 +73,21 @@ def test_video_keeps_frames_size_and_rate_and_equals_image_segmentation(bundle, 
             np.testing.assert_array_equal(png, expected.labels)
 
 
+def test_stream_url_keeps_its_first_frame(bundle, tmp_path):
+    """A URL is read as a live stream (no rewinding): the frame read to check it is the first
+    frame of the output, which equals reading the same video as a file."""
+    make_video(tmp_path / "live.mp4", 4)
+    for source, out in ((f"file://{tmp_path / 'live.mp4'}", "url"),
+                        (tmp_path / "live.mp4", "file")):
+        result = run(bundle, source, "--save-labels", out=tmp_path / out)
+        assert result.returncode == 0, result.stderr
+    with np.load(tmp_path / "url" / "live_mp4_labels.npz") as url, \
+            np.load(tmp_path / "file" / "live_labels.npz") as file:
+        assert url.files == file.files == [f"frame_{i:06d}" for i in range(4)]
+        for name in url.files:
+            np.testing.assert_array_equal(url[name], file[name])
+
+
 def test_engine_batches_frames_and_keeps_order(bundle):
     from resclip_deploy.runtime.segmenter import Segmenter
     from resclip_deploy.runtime.video import VideoEngine
