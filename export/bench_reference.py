@@ -12,7 +12,6 @@ import time
 import numpy as np
 
 from resclip_deploy.bundle import TEXT_BANK_FILE, read_bundle
-from resclip_deploy.io import read_image
 
 from .clip_loader import load_clip
 from .reference import ReferenceSegmenter
@@ -25,7 +24,7 @@ def main(argv: list[str]) -> None:
     clip = load_clip(source["model"], source.get("file") or source["pretrained"])
     bank = np.load(bundle.file(TEXT_BANK_FILE), allow_pickle=False)
     seg = ReferenceSegmenter(clip.model.visual, bank, bundle.vocabulary, bundle.params)
-    rgb = read_image(args["image"]) if "image" in args else np.load(args["array"])
+    rgb = np.load(args["array"])
     totals, stages = [], []
     for _ in range(args["runs"]):
         start = time.perf_counter()

@@ -30,6 +30,7 @@ from resclip_deploy.bundle import (MANIFEST, SCHEMA_VERSION, TEXT_BANK_FILE, fil
 from resclip_deploy.errors import UserError
 from resclip_deploy.io import current_umask, read_image
 from resclip_deploy.params import ResCLIPParams
+from resclip_deploy.pipeline import prepare
 from resclip_deploy.runtime.segmenter import Segmenter, create_session
 from resclip_deploy.vocab import Vocabulary
 
@@ -234,10 +235,7 @@ def verify_bundle(folder: str, net: ResCLIPVisual, bank: np.ndarray, vocab: Voca
     report: dict[str, Any] = {"photo": "chelsea.png (300x451)", "graphs": []}
     sizes = [params.short_side] if params.mode == "slide" else [params.short_side, 224]
     for short_side in sizes:
-        x = geometry.preprocess(photo, short_side, params.long_side_max)
-        boxes = geometry.window_boxes(x.shape[1], x.shape[2], params.mode, params.crop,
-                                      params.stride)
-        windows = geometry.crop_batch(x, boxes)
+        windows = prepare(photo, params.replace(short_side=short_side), net.patch).windows
         for batch in (1, 2):
             chosen = windows[np.arange(batch) % len(windows)]
             report["graphs"].append(_compare_windows(runtime, reference, chosen))

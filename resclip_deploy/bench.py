@@ -25,6 +25,7 @@ from . import geometry
 from .cli import _setup_logging, run_command, user_errors
 from .errors import UserError
 from .io import read_image
+from .pipeline import prepare
 
 STAGES = ("preprocess", "encoder", "sfr", "head", "merge", "output")
 
@@ -59,10 +60,7 @@ def time_runtime(segmenter: Any, rgb: np.ndarray, runs: int, warmup: int) -> dic
 def window_sweep(segmenter: Any, rgb: np.ndarray, counts: tuple[int, ...],
                  runs: int) -> list[dict[str, float]]:
     """Graphs + SFR for K windows of the image (repeated if it has fewer): linear in K?"""
-    p = segmenter.params
-    x = geometry.preprocess(rgb, p.short_side, p.long_side_max)
-    boxes = geometry.window_boxes(x.shape[1], x.shape[2], "slide", p.crop, p.stride)
-    windows = geometry.crop_batch(x, boxes)
+    windows = prepare(rgb, segmenter.params.replace(mode="slide"), segmenter.patch).windows
     rows = []
     for k in counts:
         batch = windows[np.arange(k) % len(windows)]

@@ -89,7 +89,7 @@ class Bundle:
         return self.file(self.manifest["graphs"][graph]["file"])
 
 
-def read_bundle(path: str, verify_checksums: bool = True) -> Bundle:
+def read_bundle(path: str) -> Bundle:
     """Open a bundle directory: schema check, then every listed file's sha256."""
     manifest_path = os.path.join(path, MANIFEST)
     if not os.path.isdir(path):
@@ -113,12 +113,11 @@ def read_bundle(path: str, verify_checksums: bool = True) -> Bundle:
     if schema < SCHEMA_VERSION:
         raise UserError(f"bundle {path} uses the old manifest schema {schema}; export it again")
     bundle = Bundle(path, manifest)
-    if verify_checksums:
-        for name, entry in manifest["files"].items():
-            full = bundle.file(name)
-            if not os.path.isfile(full):
-                raise UserError(f"bundle {path}: {name} is missing; export the bundle again")
-            if file_sha256(full) != entry["sha256"]:
-                raise UserError(f"bundle {path}: {name} does not match its sha256 in the "
-                                "manifest (changed after export); export the bundle again")
+    for name, entry in manifest["files"].items():
+        full = bundle.file(name)
+        if not os.path.isfile(full):
+            raise UserError(f"bundle {path}: {name} is missing; export the bundle again")
+        if file_sha256(full) != entry["sha256"]:
+            raise UserError(f"bundle {path}: {name} does not match its sha256 in the "
+                            "manifest (changed after export); export the bundle again")
     return bundle

@@ -12,6 +12,7 @@ from typing import Any, Callable, Optional
 
 import click
 
+from .bundle import PRECISIONS
 from .datasets import LAYOUTS as DATASETS
 from .errors import UserError
 from .params import CONNECTIVITIES, CUSTOM, METHODS, MODES, PRESETS, ResCLIPParams, preset_params
@@ -282,7 +283,7 @@ def _progress(what: str) -> Callable[[int, int], None]:
 @method_options
 @click.option("-o", "--output", "outdir", required=True, type=click.Path(file_okay=False),
               help="Bundle directory to write (e.g. models/ade20k).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32",
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32",
               show_default=True, help="Graph precision (fp16/int8: coming).")
 @click.option("--text-encoder/--no-text-encoder", default=False, show_default=True,
               help="Also export the text tower and tokenizer, so resclip-segment --bundle can "

@@ -105,10 +105,14 @@ def current_umask() -> int:
     return mask
 
 
+def label_dtype(num_classes: int) -> type:
+    """Stored label maps: 8-bit up to 256 classes, else 16-bit."""
+    return np.uint8 if num_classes <= 256 else np.uint16
+
+
 def label_png_bytes(labels: np.ndarray, num_classes: int) -> bytes:
-    """(H, W) class indices -> PNG bytes, 8-bit up to 256 classes, else 16-bit."""
-    dtype = np.uint8 if num_classes <= 256 else np.uint16
-    ok, buf = cv2.imencode(".png", labels.astype(dtype))
+    """(H, W) class indices -> PNG bytes (:func:`label_dtype`)."""
+    ok, buf = cv2.imencode(".png", labels.astype(label_dtype(num_classes)))
     assert ok, "PNG encoding of a label map cannot fail"
     return buf.tobytes()
 

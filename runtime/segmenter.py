@@ -111,6 +111,9 @@ class Segmenter:
                             f"{', '.join(RUNTIME_SETTINGS)} can change at run time (re-export "
                             "for the others)")
         self.bundle, self.sessions, self.text = bundle, sessions, text
+        # 'cuda' when the graphs run on a GPU provider, else 'cpu' (read once: run_graph asks)
+        first = next(iter(sessions.values())).get_providers()[0]
+        self.device_type = "cpu" if first == "CPUExecutionProvider" else "cuda"
         self.params = bundle.params.replace(**overrides)
         self.vocab = bundle.vocabulary
         self.patch = bundle.patch
@@ -152,12 +155,6 @@ class Segmenter:
     @property
     def providers(self) -> dict[str, list[str]]:
         return {name: s.get_providers() for name, s in self.sessions.items()}
-
-    @property
-    def device_type(self) -> str:
-        """'cuda' when the graphs run on a GPU provider, else 'cpu'."""
-        first = next(iter(self.sessions.values())).get_providers()[0]
-        return "cpu" if first == "CPUExecutionProvider" else "cuda"
 
     def run_graph(self, graph: str, feeds: dict[str, Any],
                   keep_on_device: tuple[str, ...] = ()) -> dict[str, Any]:

@@ -309,7 +309,7 @@ def segment_video(source: str, segmenter: Segmenter, outdir: str, options: Video
     """
     import zipfile
 
-    from resclip_deploy.io import label_png_bytes
+    from resclip_deploy.io import label_dtype, label_png_bytes
     from resclip_deploy.overlay import colourise, palette
 
     if options.stride < 1 or (options.max_frames is not None and options.max_frames < 1):
@@ -348,7 +348,7 @@ def segment_video(source: str, segmenter: Segmenter, outdir: str, options: Video
                 with open(os.path.join(frames_dir, f"{index:06d}.png"), "wb") as f:
                     f.write(label_png_bytes(result.labels, len(colours)))
             if archive is not None:
-                small = result.labels.astype(np.uint8 if len(colours) <= 256 else np.uint16)
+                small = result.labels.astype(label_dtype(len(colours)))
                 with archive.open(f"frame_{index:06d}.npy", "w") as f:
                     np.lib.format.write_array(f, small)
             written += 1

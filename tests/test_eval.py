@@ -6,6 +6,7 @@ known wrong rectangle), so the expected metrics follow from the construction and
 independently with a confusion matrix.
 """
 
+import functools
 import json
 import os
 import subprocess
@@ -281,10 +282,14 @@ def eval_bundle(bundle_for, tiny_files, tmp_path_factory):
     return get
 
 
-def predict(bundle, path):
+@functools.lru_cache(maxsize=None)
+def cpu_segmenter(bundle):
     from resclip_deploy.runtime.segmenter import Segmenter
-    seg = Segmenter.from_bundle(str(bundle), device="cpu")
-    return seg.segment(read_image(str(path)), with_probs=False).labels
+    return Segmenter.from_bundle(bundle, device="cpu")
+
+
+def predict(bundle, path):
+    return cpu_segmenter(str(bundle)).segment(read_image(str(path)), with_probs=False).labels
 
 
 def constructed_truth(pred, num_classes, wrong_box):
