@@ -4,7 +4,8 @@ Each paper formula is one small function; the method only picks the base attenti
 RCS/SFR mixing is :func:`blend` written once. Nothing branches on tensor values, so the same code
 traces to ONNX. Device and dtype follow the inputs; there is no ``.cuda()``.
 
-Shapes: B crops, T = N + 1 tokens (CLS first), D width, H heads of 64, E embedding size,
+Shapes: B crops, T = N + 1 tokens (CLS first), D width, H heads of width d = D / H (64 for
+OpenAI's ViTs, 80 for ViT-H-14, 88 for ViT-g-14, 104 for ViT-bigG-14), E embedding size,
 Q text queries, (gh, gw) patch grid.
 
 Precision follows the weights: with fp16 weights the matrix products run in fp16 while LayerNorm,
@@ -20,9 +21,6 @@ from torch import nn
 
 from resclip_deploy.params import ResCLIPParams, rcs_blocks
 
-HEAD_DIM = 64
-
-
 def blend(a: torch.Tensor, b: torch.Tensor, tau: float, lam: float) -> torch.Tensor:
     """τ·((1−λ)·a + λ·b): RCS (on probabilities) and SFR (on logits) mixing."""
     return tau * ((1 - lam) * a + lam * b)
@@ -34,7 +32,7 @@ def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def qkv(attn: nn.MultiheadAttention, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """ln_1 output (B, T, D) -> q, k, v each (B, H, T, 64), biases included."""
+    """ln_1 output (B, T, D) -> q, k, v each (B, H, T, d), biases included."""
     q, k, v = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
     return tuple(split_heads(t, attn.num_heads) for t in (q, k, v))
 
@@ -46,14 +44,17 @@ def layer_norm(ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
 
 
 def attention_output(attn: nn.MultiheadAttention, p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """(B, H, T, T) weights, (B, H, T, 64) values -> out_proj of the joined heads (B, T, D)."""
-    y = (p.to(v.dtype) @ v).transpose(1, 2)                     # (B, T, H, 64)
+    """(B, H, T, T) weights, (B, H, T, d) values -> out_proj of the joined heads (B, T, D)."""
+    y = (p.to(v.dtype) @ v).transpose(1, 2)                     # (B, T, H, d)
     return attn.out_proj(y.reshape(y.shape[0], y.shape[1], -1))
 
 
 def base_logits(method: str, q: torch.Tensor, k: torch.Tensor) -> list[torch.Tensor]:
-    """Last-block attention logits by method (SPEC §4); sclip has two matrices."""
-    scale = HEAD_DIM ** -0.5
+    """Last-block attention logits by method (SPEC §4); sclip has two matrices.
+
+    The scale is 1/√d for the model's own head width d (q's last axis, a static size).
+    """
+    scale = q.shape[-1] ** -0.5
     if method == "naclip":
         return [(k @ k.transpose(-1, -2)).float() * scale]
     if method == "clearclip":
@@ -154,7 +155,7 @@ def trunk(visual: nn.Module, x: torch.Tensor,
     kept = []
     for i, blk in enumerate(visual.transformer.resblocks[:-1]):
         q, k, v = qkv(blk.attn, layer_norm(blk.ln_1, x))
-        p = torch.softmax(((q * HEAD_DIM ** -0.5) @ k.transpose(-1, -2)).float(), dim=-1)
+        p = torch.softmax(((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)).float(), dim=-1)
         x = x + blk.ls_1(attention_output(blk.attn, p, v))
         x = x + blk.ls_2(blk.mlp(layer_norm(blk.ln_2, x)))
         if i in rcs_blocks:
@@ -228,11 +229,15 @@ class ResCLIPVisual(nn.Module):
         gh, gw = pixels.shape[-2] // self.patch, pixels.shape[-1] // self.patch
         return naclip_window(gh, gw, self.params.gaussian_std, pixels)
 
-    def head(self, tokens: torch.Tensor, rcs: torch.Tensor | None, window: torch.Tensor | None,
-             sfr: torch.Tensor | None, text: torch.Tensor) -> torch.Tensor:
-        """-> (B, Q, N) cosine logits of the patch tokens."""
+    def project(self, tokens: torch.Tensor, rcs: torch.Tensor | None,
+                window: torch.Tensor | None, sfr: torch.Tensor | None) -> torch.Tensor:
+        """The patched last block -> projected tokens (B, T, E), CLS first."""
         p = self.params
         attention = lambda q, k: last_block_attention(  # noqa: E731
             p.method, q, k, window, sfr, p.sfr_tau, p.sfr_lambda, rcs, p.rcs_tau, p.rcs_lambda)
-        out = last_block(self.visual, tokens, attention, p.residual_last_block)
-        return cosine_logits(out, text)
+        return last_block(self.visual, tokens, attention, p.residual_last_block)
+
+    def head(self, tokens: torch.Tensor, rcs: torch.Tensor | None, window: torch.Tensor | None,
+             sfr: torch.Tensor | None, text: torch.Tensor) -> torch.Tensor:
+        """-> (B, Q, N) cosine logits of the patch tokens."""
+        return cosine_logits(self.project(tokens, rcs, window, sfr), text)
