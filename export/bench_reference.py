@@ -13,17 +13,17 @@ import numpy as np
 
 from resclip_deploy.bundle import TEXT_BANK_FILE, read_bundle
 
-from .clip_loader import load_clip
+from .clip_loader import load_clip_from_source
 from .reference import ReferenceSegmenter
 
 
 def main(argv: list[str]) -> None:
     args = json.loads(argv[0])
     bundle = read_bundle(args["bundle"])
-    source = bundle.manifest["source"]
-    clip = load_clip(source["model"], source.get("file") or source["pretrained"])
+    clip = load_clip_from_source(bundle.manifest.source)
     bank = np.load(bundle.file(TEXT_BANK_FILE), allow_pickle=False)
-    seg = ReferenceSegmenter(clip.model.visual, bank, bundle.vocabulary, bundle.params)
+    seg = ReferenceSegmenter(clip.model.visual, bank, bundle.manifest.vocabulary,
+                             bundle.manifest.params)
     rgb = np.load(args["array"])
     totals, stages = [], []
     for _ in range(args["runs"]):

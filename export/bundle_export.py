@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import datetime
-import json
 import logging
 import os
 import platform
@@ -24,9 +23,10 @@ import numpy as np
 import onnx
 import torch
 
-from resclip_deploy import __version__, geometry
-from resclip_deploy.bundle import (MANIFEST, SCHEMA_VERSION, TEXT_BANK_FILE, file_sha256,
-                                   graph_layout)
+from resclip_deploy import __version__
+from resclip_deploy.bundle import (TEXT_BANK_FILE, GraphEntry, Manifest, ModelFacts, Preprocess,
+                                   TensorInfo, TextEncoderSpec, file_entries, graph_layout,
+                                   write_manifest)
 from resclip_deploy.errors import UserError
 from resclip_deploy.io import current_umask, read_image
 from resclip_deploy.params import ResCLIPParams
@@ -61,7 +61,7 @@ def verification_photo() -> np.ndarray:
 
 def export_bundle(clip: LoadedCLIP, vocab: Vocabulary, params: ResCLIPParams, out_dir: str,
                   precision: str = "fp32", text_encoder: bool = False, force: bool = False,
-                  progress: Optional[Callable[[int, int], None]] = None) -> dict[str, Any]:
+                  progress: Optional[Callable[[int, int], None]] = None) -> Manifest:
     """Write a verified bundle to ``out_dir``; returns its manifest.
 
     ``text_encoder``: also export the text tower and tokenizer; the text bank then becomes a
@@ -98,7 +98,7 @@ def _replace_dir(tmp: str, out_dir: str) -> None:
 
 
 def _build(clip: LoadedCLIP, vocab: Vocabulary, params: ResCLIPParams, folder: str,
-           precision: str, text_input: bool, progress) -> dict[str, Any]:
+           precision: str, text_input: bool, progress) -> Manifest:
     text_spec = _export_text_encoder(clip, vocab, folder) if text_input else None
     started = time.perf_counter()
     bank = text_bank(clip.model, clip.tokenizer, vocab.queries, progress=progress)
@@ -110,7 +110,7 @@ def _build(clip: LoadedCLIP, vocab: Vocabulary, params: ResCLIPParams, folder: s
     text = torch.from_numpy(bank)
     layout = graph_layout(params, text_input)
     example_hw = (params.crop, params.crop) if params.mode == "slide" else (336, 448)
-    graphs: dict[str, Any] = {}
+    graphs: dict[str, GraphEntry] = {}
     for name, io in layout.items():
         log.info("exporting %s graph", name)
         module = GRAPH_MODULES[name](export_net, io, None if text_input else text).eval()
@@ -119,49 +119,37 @@ def _build(clip: LoadedCLIP, vocab: Vocabulary, params: ResCLIPParams, folder: s
         if precision == "int8":
             quantize_int8(path)
         onnx.checker.check_model(path, full_check=True)
-        graphs[name] = {"file": f"{name}.onnx", "opset": OPSET, **_graph_io(path)}
+        graphs[name] = _graph_entry(path)
     # Always kept: the bank the graphs were built with (an input of them with --text-encoder).
     np.save(os.path.join(folder, TEXT_BANK_FILE), bank)
-    manifest = {
-        "schema": SCHEMA_VERSION,
-        "format": "resclip-deploy bundle",
-        "package_version": __version__,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "source": clip.source,
-        "model": _model_facts(net),
-        "params": params.to_dict(),
-        "vocabulary": {**vocab.to_dict(), "queries": list(vocab.queries),
-                       "query_to_class": list(vocab.query_to_class),
-                       "class_names": list(vocab.class_names)},
-        "preprocess": {"color": "RGB", "resize": "keep ratio, bilinear (OpenCV INTER_LINEAR)",
-                       "short_side": params.short_side, "long_side_max": params.long_side_max,
-                       "mean": geometry.PIXEL_MEAN.tolist(), "std": geometry.PIXEL_STD.tolist()},
-        "precision": precision,
-        "text_bank": "input" if text_input else "constant",
-        "text_encoder": text_spec,
-        "graphs": graphs,
-        "versions": _versions(),
-        "timings_s": {"text_bank": round(bank_seconds, 2)},
-    }
-    manifest["files"] = _file_entries(folder)
-    _write_manifest(folder, manifest)
-    manifest["verification"] = verify_bundle(folder, net, bank, vocab, params, precision)
+    manifest = Manifest(
+        source=clip.source, model=_model_facts(net), params=params, vocabulary=vocab,
+        preprocess=Preprocess("keep-ratio-bilinear", params.short_side, params.long_side_max,
+                              net.norm.mean, net.norm.std),
+        precision=precision, text_bank="input" if text_input else "constant",
+        text_encoder=text_spec, graphs=graphs, files=file_entries(folder),
+        package_version=__version__,
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        versions=_versions(), timings_s={"text_bank": round(bank_seconds, 2)})
+    write_manifest(folder, manifest)
+    verification = verify_bundle(folder, net, bank, vocab, params, precision)
     if text_input:
-        manifest["verification"]["text_bank_max_abs_diff"] = _verify_text_bank(folder, bank,
-                                                                               vocab)
-    manifest["timings_s"]["total"] = round(time.perf_counter() - started, 2)
-    _write_manifest(folder, manifest)
+        verification["text_bank_max_abs_diff"] = _verify_text_bank(folder, bank, vocab)
+    manifest = manifest.replace(verification=verification, timings_s={
+        **manifest.timings_s, "total": round(time.perf_counter() - started, 2)})
+    write_manifest(folder, manifest)
     return manifest
 
 
-def _export_text_encoder(clip: LoadedCLIP, vocab: Vocabulary, folder: str) -> dict[str, Any]:
+def _export_text_encoder(clip: LoadedCLIP, vocab: Vocabulary, folder: str) -> TextEncoderSpec:
     log.info("exporting text encoder and tokenizer")
     tokenizer, spec = text_encoder_entry(clip.tokenizer, clip.model, vocab.queries)
     tokenizer.save(os.path.join(folder, spec["tokenizer"]))
     path = os.path.join(folder, spec["graph"])
     export_text_encoder(clip.model, path)
     onnx.checker.check_model(path, full_check=True)
-    return {**spec, **_graph_io(path), "opset": OPSET}
+    spec["templates"] = tuple(spec["templates"])
+    return TextEncoderSpec(**spec, entry=_graph_entry(path))
 
 
 def _verify_text_bank(folder: str, bank: np.ndarray, vocab: Vocabulary) -> float:
@@ -183,33 +171,23 @@ def quantize_int8(path: str) -> None:
     os.replace(tmp, path)
 
 
-def _write_manifest(folder: str, manifest: dict[str, Any]) -> None:
-    with open(os.path.join(folder, MANIFEST), "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=1)
-        f.write("\n")
-
-
-def _file_entries(folder: str) -> dict[str, Any]:
-    return {name: {"sha256": file_sha256(os.path.join(folder, name)),
-                   "bytes": os.path.getsize(os.path.join(folder, name))}
-            for name in sorted(os.listdir(folder)) if name != MANIFEST}
-
-
-def _graph_io(path: str) -> dict[str, Any]:
-    """Input/output names, dtypes and symbolic shapes as ONNX Runtime reports them."""
+def _graph_entry(path: str) -> GraphEntry:
+    """The graph's file name, opset, and its inputs and outputs as ONNX Runtime reports them."""
     session = create_session(path, "cpu", None)
 
-    def describe(args):
-        return [{"name": a.name, "dtype": a.type, "shape": a.shape} for a in args]
-    return {"inputs": describe(session.get_inputs()), "outputs": describe(session.get_outputs())}
+    def describe(args) -> tuple[TensorInfo, ...]:
+        return tuple(TensorInfo(a.name, a.type, tuple(a.shape)) for a in args)
+    return GraphEntry(os.path.basename(path), OPSET, describe(session.get_inputs()),
+                      describe(session.get_outputs()))
 
 
-def _model_facts(net: ResCLIPVisual) -> dict[str, Any]:
+def _model_facts(net: ResCLIPVisual) -> ModelFacts:
     visual = net.visual
-    return {"patch": net.patch, "grid": int(visual.grid_size[0]),
-            "width": int(visual.conv1.out_channels), "depth": len(visual.transformer.resblocks),
-            "heads": int(visual.transformer.resblocks[0].attn.num_heads),
-            "embed_dim": int(visual.proj.shape[1]), "rcs_blocks": list(net.rcs_blocks)}
+    return ModelFacts(patch=net.patch, grid=int(visual.grid_size[0]),
+                      width=int(visual.conv1.out_channels),
+                      depth=len(visual.transformer.resblocks),
+                      heads=int(visual.transformer.resblocks[0].attn.num_heads),
+                      embed_dim=int(visual.proj.shape[1]), rcs_blocks=tuple(net.rcs_blocks))
 
 
 def _versions() -> dict[str, str]:
@@ -235,7 +213,8 @@ def verify_bundle(folder: str, net: ResCLIPVisual, bank: np.ndarray, vocab: Voca
     report: dict[str, Any] = {"photo": "chelsea.png (300x451)", "graphs": []}
     sizes = [params.short_side] if params.mode == "slide" else [params.short_side, 224]
     for short_side in sizes:
-        windows = prepare(photo, params.replace(short_side=short_side), net.patch).windows
+        windows = prepare(photo, params.replace(short_side=short_side), net.patch,
+                          net.norm).windows
         for batch in (1, 2):
             chosen = windows[np.arange(batch) % len(windows)]
             report["graphs"].append(_compare_windows(runtime, reference, chosen))

@@ -19,7 +19,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from resclip_deploy.geometry import CLIP_PIXEL_NORM, PixelNorm
 from resclip_deploy.params import ResCLIPParams, rcs_blocks
+
+# open_clip's OpenAI normalisation (0..1 units), which CLIP_PIXEL_NORM writes rounded.
+_OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+_OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def pixel_norm(visual: nn.Module) -> PixelNorm:
+    """The model's own input normalisation in 0..255 units (open_clip's ``preprocess_cfg``;
+    OpenAI's when the model has none). OpenAI's is given as the authors' configs round it."""
+    cfg = getattr(visual, "preprocess_cfg", None) or {}
+    mean, std = tuple(cfg.get("mean", _OPENAI_MEAN)), tuple(cfg.get("std", _OPENAI_STD))
+    if all(abs(a - b) < 1e-6 for a, b in zip(mean + std, _OPENAI_MEAN + _OPENAI_STD)):
+        return CLIP_PIXEL_NORM
+    return PixelNorm(tuple(255.0 * m for m in mean), tuple(255.0 * s for s in std))
 
 def blend(a: torch.Tensor, b: torch.Tensor, tau: float, lam: float) -> torch.Tensor:
     """τ·((1−λ)·a + λ·b): RCS (on probabilities) and SFR (on logits) mixing."""
@@ -50,7 +65,7 @@ def attention_output(attn: nn.MultiheadAttention, p: torch.Tensor, v: torch.Tens
 
 
 def base_logits(method: str, q: torch.Tensor, k: torch.Tensor) -> list[torch.Tensor]:
-    """Last-block attention logits by method (SPEC §4); sclip has two matrices.
+    """Last-block attention logits by method (docs/method.md §4); sclip has two matrices.
 
     The scale is 1/√d for the model's own head width d (q's last axis, a static size).
     """
@@ -117,7 +132,7 @@ def _size_tensor(n: int) -> torch.Tensor:
 
 
 def resize_pos_embed(pos: torch.Tensor, grid: int, gh: int, gw: int) -> torch.Tensor:
-    """(1 + g², D) table -> (1 + gh·gw, D) for a gh x gw patch grid (SPEC §3).
+    """(1 + g², D) table -> (1 + gh·gw, D) for a gh x gw patch grid (docs/method.md §3).
 
     The checkpoint grid keeps its table; any other grid is resized bicubically with scale
     ((gh+0.1)/g, (gw+0.1)/g), the reference's factor used as given (a size=(gh, gw) resize
@@ -170,7 +185,7 @@ def last_block_attention(method: str, q: torch.Tensor, k: torch.Tensor,
                          window: torch.Tensor | None, sfr: torch.Tensor | None, sfr_tau: float,
                          sfr_lambda: float, rcs: torch.Tensor | None, rcs_tau: float,
                          rcs_lambda: float) -> torch.Tensor:
-    """Attention weights of the patched last block (B, H, T, T), SPEC §4 steps 1–4.
+    """Attention weights of the patched last block (B, H, T, T), docs/method.md §4 steps 1–4.
 
     window: (T, T) naclip Ω (None for other methods); sfr: (B, T, T) fp16-rounded S/max S, or
     None; rcs: (B, H, T, T) RCS map, or None.
@@ -217,6 +232,7 @@ class ResCLIPVisual(nn.Module):
         super().__init__()
         self.visual, self.params = visual, params
         self.patch = int(visual.conv1.kernel_size[0])
+        self.norm = pixel_norm(visual)
         depth = len(visual.transformer.resblocks)
         self.rcs_blocks = rcs_blocks(params.rcs_layers, depth) if params.rcs else ()
 

@@ -1,4 +1,5 @@
-"""The torch reference pipeline: image -> labels and probabilities, exactly as SPEC.md computes.
+"""The torch reference pipeline: image -> labels and probabilities, exactly as
+docs/method.md describes.
 
 Torch runs the networks (trunk, SFR pre-pass with PAMR, last block); the CPU steps shared with the
 ONNX runtime (geometry, SFR matrix, output) come from :mod:`resclip_deploy`. All windows of an
@@ -7,20 +8,25 @@ image run as one batch.
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 
+from resclip_deploy.errors import UserError
 from resclip_deploy.params import ResCLIPParams
 from resclip_deploy.pipeline import Timings, segment_image, sfr_step
 from resclip_deploy.postprocess import Segmentation
 from resclip_deploy.vocab import Vocabulary
 
-from .clip_loader import LoadedCLIP
+from .clip_loader import LoadedCLIP, load_clip
 from .model import ResCLIPVisual
 from .text import text_bank
+
+log = logging.getLogger("resclip_deploy")
 
 
 @dataclass
@@ -55,7 +61,7 @@ class ReferenceSegmenter:
         self.device, self.dtype = torch.device(device), dtype
         self.text = torch.from_numpy(text_features).to(self.device, dtype)
         self.vocab, self.params = vocab, params
-        self.patch, self.rcs_blocks = self.net.patch, self.net.rcs_blocks
+        self.patch, self.rcs_blocks, self.norm = self.net.patch, self.net.rcs_blocks, self.net.norm
 
     @classmethod
     def from_clip(cls, clip: LoadedCLIP, vocab: Vocabulary, params: ResCLIPParams,
@@ -93,4 +99,31 @@ class ReferenceSegmenter:
             with times("network"):
                 logits = self.forward_windows(windows).logits
             return logits.reshape(windows.shape[0], logits.shape[1], -1)
-        return segment_image(rgb, self.params, self.patch, self.vocab, run, with_probs)
+        return segment_image(rgb, self.params, self.patch, self.norm, self.vocab, run,
+                             with_probs)
+
+
+def torch_device(device: str) -> str:
+    """A --device value for the torch reference: 'auto' is CUDA when torch sees a GPU."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device!r} is not a torch device; use cpu or cuda") from None
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: torch sees no CUDA GPU here; use --device cpu")
+    return device
+
+
+def reference_segmenter(model_name: str, pretrained: Optional[str], vocab: Vocabulary,
+                        params: ResCLIPParams, device: str = "auto") -> ReferenceSegmenter:
+    """``resclip-segment --reference``: load the model (open_clip name, hf-hub:, local-dir: or
+    a file), build its text bank and place it on ``device``."""
+    device = torch_device(device)
+    clip = load_clip(model_name, pretrained)
+    log.info("text bank: %d queries x 80 templates", len(vocab.queries))
+    start = time.perf_counter()
+    segmenter = ReferenceSegmenter.from_clip(clip, vocab, params, device=device)
+    log.info("text bank built in %.1f s", time.perf_counter() - start)
+    return segmenter

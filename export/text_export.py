@@ -80,7 +80,7 @@ def text_encoder_entry(clip_tokenizer: Any, model: torch.nn.Module,
              "sot": int(clip_tokenizer.sot_token_id), "eot": int(clip_tokenizer.eot_token_id),
              "templates": list(TEMPLATES), "truncate_context": truncatable(model)}
     prompts = prompts_for(queries, TEMPLATES)
-    ours = encode_prompts(tok, entry, prompts)
+    ours = encode_prompts(tok, prompts, entry["context_length"], entry["sot"], entry["eot"])
     theirs = tokenize(clip_tokenizer, prompts)
     if not np.array_equal(ours, theirs):
         bad = int(np.flatnonzero((ours != theirs).any(axis=1))[0])

@@ -24,7 +24,7 @@ import numpy as np
 from . import geometry
 from .cli import _setup_logging, run_command, user_errors
 from .errors import UserError
-from .io import read_image
+from .io import read_image, write_json
 from .pipeline import prepare
 
 STAGES = ("preprocess", "encoder", "sfr", "head", "merge", "output")
@@ -60,7 +60,8 @@ def time_runtime(segmenter: Any, rgb: np.ndarray, runs: int, warmup: int) -> dic
 def window_sweep(segmenter: Any, rgb: np.ndarray, counts: tuple[int, ...],
                  runs: int) -> list[dict[str, float]]:
     """Graphs + SFR for K windows of the image (repeated if it has fewer): linear in K?"""
-    windows = prepare(rgb, segmenter.params.replace(mode="slide"), segmenter.patch).windows
+    windows = prepare(rgb, segmenter.params.replace(mode="slide"), segmenter.patch,
+                      segmenter.norm).windows
     rows = []
     for k in counts:
         batch = windows[np.arange(k) % len(windows)]
@@ -151,6 +152,83 @@ def _size(value: Optional[str]) -> Optional[tuple[int, int]]:
     return h, w
 
 
+def benchmark(bundle_dir: str, image: Optional[str] = None,
+              size: Optional[tuple[int, int]] = None, runs: int = 5, warmup: int = 1,
+              device: str = "auto", threads: Optional[int] = None, reference: bool = True,
+              reference_runs: int = 1, sweep: bool = False, video_frames: Optional[int] = None,
+              frames_per_batch: Optional[int] = None) -> dict[str, Any]:
+    """``resclip-bench``: time a bundle per stage (and optionally the torch reference on the
+    same image, 1/2/4/8 windows, a synthetic video) -> the report :func:`format_report` shows.
+
+    ``image``: a file (default: the package's photo); ``size``: (H, W) to resize it to first.
+    """
+    from .runtime.segmenter import Segmenter
+    if runs < 1 or warmup < 0 or reference_runs < 1:
+        raise UserError("--runs and --reference-runs must be at least 1, --warmup at least 0")
+    rgb = read_image(image) if image else bench_photo(size)
+    if image and size:
+        rgb = cv2.resize(rgb, (size[1], size[0]), interpolation=cv2.INTER_AREA)
+    segmenter = Segmenter.from_bundle(bundle_dir, device=device, threads=threads)
+    p = segmenter.params
+    x_hw = geometry.keep_ratio_size(*rgb.shape[:2], p.short_side, p.long_side_max)
+    n_windows = len(geometry.window_boxes(*x_hw, p.mode, p.crop, p.stride))
+    ours = time_runtime(segmenter, rgb, runs, warmup)
+    report: dict[str, Any] = {
+        "bundle": os.path.abspath(bundle_dir), "image_hw": list(rgb.shape[:2]),
+        "input_hw": list(x_hw), "windows": n_windows, "mode": p.mode,
+        "queries": len(segmenter.vocab.queries),
+        "precision": segmenter.bundle.manifest.precision,
+        "providers": segmenter.providers, "runs": runs,
+        "runtime": {"total_s": ours["total_s"], "stages_s": ours["stages_s"],
+                    "peak_rss_mb": peak_rss_mb()}}
+    if sweep:
+        report["sweep"] = window_sweep(segmenter, rgb, (1, 2, 4, 8), max(1, runs // 2))
+    if reference:
+        ref = time_reference(bundle_dir, rgb, reference_runs)
+        report["reference"] = {k: ref[k] for k in ("total_s", "stages_s", "peak_rss_mb")}
+        report["speedup"] = ref["total_s"] / ours["total_s"]
+        report["labels_agreement"] = float((ref["labels"] == ours["labels"]).mean())
+    if video_frames:
+        report["video"] = time_video(segmenter, rgb, video_frames, frames_per_batch)
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as people read it: a stage table (runtime and reference side by side), the
+    ratio and label agreement, the window sweep and the video line."""
+    ref = report.get("reference")
+    ours = report["runtime"]
+    rows = [("stage", "runtime s", *(("reference s",) if ref else ()))]
+    ref_stages = ref["stages_s"] if ref else {}
+    for stage in STAGES:
+        ref_cell = f"{ref_stages[stage]:.3f}" if stage in ref_stages else ""
+        rows.append((stage, f"{ours['stages_s'][stage]:.3f}", *((ref_cell,) if ref else ())))
+    if "network" in ref_stages:     # the torch reference times its networks and SFR as one
+        rows.append(("(reference: networks + SFR)", "", f"{ref_stages['network']:.3f}"))
+    rows.append(("total", f"{ours['total_s']:.3f}", *((f"{ref['total_s']:.3f}",) if ref else ())))
+    rows.append(("peak RSS MB", f"{ours['peak_rss_mb']:.0f}",
+                 *((f"{ref['peak_rss_mb']:.0f}",) if ref else ())))
+    h, w = report["image_hw"]
+    first = next(iter(report["providers"]))
+    lines = [f"{os.path.basename(report['bundle'])}: {h}x{w} image -> {report['input_hw'][0]}x"
+             f"{report['input_hw'][1]} input, {report['windows']} window(s), "
+             f"{report['queries']} queries, {report['precision']}, "
+             f"{', '.join(report['providers'][first])}", table(rows)]
+    if ref:
+        lines.append(f"reference / runtime: {report['speedup']:.1f}x faster; labels agree "
+                     f"{100 * report['labels_agreement']:.2f} %")
+    for row in report.get("sweep", []):
+        lines.append(f"{row['windows']} window(s): {row['seconds']:.3f} s "
+                     f"({row['seconds_per_window']:.3f} s/window)")
+    v = report.get("video")
+    if v:
+        lines.append(f"video, {v['frames']} frames: frame by frame {v['sequential_fps']:.2f} "
+                     f"fps, pipelined {v['pipelined_fps']:.2f} fps ({v['speedup']:.2f}x); labels "
+                     f"{'identical' if v['labels_identical'] else 'DIFFER'}; engine RSS every 10 "
+                     f"frames (MB): {v['rss_mb_every_10_frames']}")
+    return "\n".join(lines)
+
+
 @click.command("resclip-bench", context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--bundle", "bundle_dir", required=True, type=click.Path(file_okay=False))
 @click.option("--image", default=None, help="Image to time (default: the package's photo).")
@@ -176,63 +254,11 @@ def bench_main(bundle_dir: str, image: Optional[str], size: Optional[str], runs:
                frames_per_batch: Optional[int], json_out: Optional[str]) -> None:
     """Time a bundle per stage against the torch reference; report peak memory."""
     _setup_logging(quiet=True)
-    from .runtime.segmenter import Segmenter
-    hw = _size(size)
-    rgb = read_image(image) if image else bench_photo(hw)
-    if image and hw:
-        rgb = cv2.resize(rgb, (hw[1], hw[0]), interpolation=cv2.INTER_AREA)
-    segmenter = Segmenter.from_bundle(bundle_dir, device=device, threads=threads)
-    p = segmenter.params
-    x_hw = geometry.keep_ratio_size(*rgb.shape[:2], p.short_side, p.long_side_max)
-    n_windows = len(geometry.window_boxes(*x_hw, p.mode, p.crop, p.stride))
-    ours = time_runtime(segmenter, rgb, runs, warmup)
-    report: dict[str, Any] = {
-        "bundle": os.path.abspath(bundle_dir), "image_hw": list(rgb.shape[:2]),
-        "input_hw": list(x_hw), "windows": n_windows, "mode": p.mode,
-        "queries": len(segmenter.vocab.queries),
-        "precision": segmenter.bundle.manifest["precision"],
-        "providers": segmenter.providers, "runs": runs,
-        "runtime": {"total_s": ours["total_s"], "stages_s": ours["stages_s"],
-                    "peak_rss_mb": peak_rss_mb()}}
-    if sweep:
-        report["sweep"] = window_sweep(segmenter, rgb, (1, 2, 4, 8), max(1, runs // 2))
-    rows = [("stage", "runtime s", *(("reference s",) if reference else ()))]
-    if reference:
-        ref = time_reference(bundle_dir, rgb, reference_runs)
-        report["reference"] = {k: ref[k] for k in ("total_s", "stages_s", "peak_rss_mb")}
-        report["speedup"] = ref["total_s"] / ours["total_s"]
-        report["labels_agreement"] = float((ref["labels"] == ours["labels"]).mean())
-    ref_stages = report["reference"]["stages_s"] if reference else {}
-    for stage in STAGES:
-        ref_cell = f"{ref_stages[stage]:.3f}" if stage in ref_stages else ""
-        rows.append((stage, f"{ours['stages_s'][stage]:.3f}", *((ref_cell,) if reference else ())))
-    if "network" in ref_stages:     # the torch reference times its networks and SFR as one
-        rows.append(("(reference: networks + SFR)", "", f"{ref_stages['network']:.3f}"))
-    rows.append(("total", f"{ours['total_s']:.3f}",
-                 *((f"{report['reference']['total_s']:.3f}",) if reference else ())))
-    rows.append(("peak RSS MB", f"{report['runtime']['peak_rss_mb']:.0f}",
-                 *((f"{report['reference']['peak_rss_mb']:.0f}",) if reference else ())))
-    click.echo(f"{os.path.basename(os.path.abspath(bundle_dir))}: {rgb.shape[0]}x{rgb.shape[1]} "
-               f"image -> {x_hw[0]}x{x_hw[1]} input, {n_windows} window(s), "
-               f"{report['queries']} queries, {report['precision']}, "
-               f"{', '.join(segmenter.providers[next(iter(segmenter.providers))])}")
-    click.echo(table(rows))
-    if reference:
-        click.echo(f"reference / runtime: {report['speedup']:.1f}x faster; labels agree "
-                   f"{100 * report['labels_agreement']:.2f} %")
-    for row in report.get("sweep", []):
-        click.echo(f"{row['windows']} window(s): {row['seconds']:.3f} s "
-                   f"({row['seconds_per_window']:.3f} s/window)")
-    if video_frames:
-        report["video"] = time_video(segmenter, rgb, video_frames, frames_per_batch)
-        v = report["video"]
-        click.echo(f"video, {v['frames']} frames: frame by frame {v['sequential_fps']:.2f} fps, "
-                   f"pipelined {v['pipelined_fps']:.2f} fps ({v['speedup']:.2f}x); labels "
-                   f"{'identical' if v['labels_identical'] else 'DIFFER'}; engine RSS every 10 "
-                   f"frames (MB): {v['rss_mb_every_10_frames']}")
+    report = benchmark(bundle_dir, image, _size(size), runs, warmup, device, threads, reference,
+                       reference_runs, sweep, video_frames, frames_per_batch)
+    click.echo(format_report(report))
     if json_out:
-        with open(json_out, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=1)
+        write_json(json_out, report)
 
 
 def bench_entry() -> None:

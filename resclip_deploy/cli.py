@@ -22,10 +22,6 @@ log = logging.getLogger("resclip_deploy")
 
 EXIT_BAD_INPUT = 2      # nothing was done: settings, vocabulary or model unusable
 EXIT_SOME_FAILED = 1    # some inputs failed; the others were written
-SUMMARY = "summary.json"
-# Settings echoed in the summary: the ones a run may change, and the ones that explain it.
-RUNTIME_ECHO = ("connectivity", "prob_thd", "temp_thd", "method", "rcs", "sfr", "mode",
-                "short_side")
 
 
 def resolve_settings(preset: Optional[str], classes: Optional[str],
@@ -47,10 +43,12 @@ def method_options(f: Callable) -> Callable:
     """Options shared by resclip-segment and resclip-export (model, vocabulary, method)."""
     options = [
         click.option("--model", "model_name", default=None,
-                     help="open_clip model name (e.g. ViT-B-16-quickgelu), or 'auto' (default) "
-                          "to infer the architecture of an OpenAI-format checkpoint file."),
+                     help="open_clip model name (e.g. ViT-B-16-quickgelu), 'auto' (default) "
+                          "to infer the architecture of an OpenAI-format checkpoint file, or an "
+                          "open_clip model folder: hf-hub:ORG/REPO or local-dir:PATH."),
         click.option("--pretrained", default=None,
-                     help="open_clip pretrained tag (e.g. openai) or a local checkpoint file."),
+                     help="open_clip pretrained tag (e.g. openai) or a local checkpoint file "
+                          "(not with hf-hub:/local-dir:, which carry their weights)."),
         click.option("--preset", type=click.Choice(list(PRESETS)), default=None,
                      help="Benchmark preset: its settings and class list."),
         click.option("--classes", default=None,
@@ -157,15 +155,10 @@ def segment_main(inputs: tuple[str, ...], outdir: str, bundle_dir: Optional[str]
     same frame rate and size, without audio.
     """
     _setup_logging(quiet)
-    from .io import (expand_inputs, image_summary, output_stems, read_image, write_json,
-                     write_overlay, write_segmentation)
-    from .runtime.video import VideoOptions, is_video_source, segment_video
+    from .runtime.video import VideoOptions
+    from .segment import SUMMARY, SegmentOptions, check_pipeline, segment_inputs
 
-    videos = [i for i in inputs if is_video_source(i)]
-    if videos and bundle_dir is None:
-        raise UserError(f"video input {videos[0]} needs --bundle DIR (the torch reference "
-                        "segments images only)")
-
+    check_pipeline(list(inputs), "bundle" if bundle_dir is not None else "reference")
     if reference == (bundle_dir is not None):
         raise UserError("choose one pipeline: --bundle DIR (ONNX, from resclip-export) or "
                         "--reference (torch)")
@@ -173,75 +166,71 @@ def segment_main(inputs: tuple[str, ...], outdir: str, bundle_dir: Optional[str]
         segmenter = _bundle_segmenter(bundle_dir, model_name, pretrained, preset, classes,
                                       device, threads, overrides)
     else:
-        if pretrained is None:
-            raise UserError("--reference needs --pretrained TAG_OR_FILE")
         params, vocab = resolve_settings(preset, classes, overrides)
         segmenter = _reference_segmenter(model_name or "auto", pretrained, vocab, params, device)
-    files = expand_inputs([i for i in inputs if not is_video_source(i)]) if \
-        len(videos) < len(inputs) else []
-    stems = output_stems(files)
-    runs: list[dict[str, Any]] = []
-    failed: list[dict[str, str]] = []
-    interrupted = False
-    options = VideoOptions(frame_stride, max_frames, save_frames, save_labels, smooth)
-    for source in videos:
-        try:
-            entry = segment_video(source, segmenter, outdir, options,
-                                  None if quiet else _frame_progress)
-        except UserError as e:
-            click.echo(f"error: {e}", err=True)
-            failed.append({"input": source, "error": str(e)})
-            continue
-        runs.append(entry)
-        if not quiet:
-            click.echo("", err=True)
-        log.info("%s -> %s (%d frames, %d skipped as corrupt, %.2f fps)", source,
-                 ", ".join(entry["outputs"]), entry["frames_written"],
-                 entry["frames_skipped_corrupt"], entry["fps"] or 0)
-        if entry["interrupted"]:
-            interrupted = True
-            break
-    todo = [] if interrupted else list(zip(files, stems))
-    bar = click.progressbar(todo, label="segmenting", file=sys.stderr, show_pos=True) \
-        if len(todo) > 1 and not quiet else contextlib.nullcontext(todo)
-    with bar as items:
-        for path, stem in items:
-            start = time.perf_counter()
-            try:
-                rgb = read_image(path)
-                seg = segmenter.segment(rgb, with_probs=save_probs)
-            except UserError as e:
-                click.echo(f"\nerror: {e}" if len(files) > 1 and not quiet else f"error: {e}",
-                           err=True)
-                failed.append({"input": path, "error": str(e)})
-                continue
-            written = write_segmentation(outdir, stem, seg, save_probs)
-            if overlay:
-                written.append(write_overlay(outdir, stem, rgb, seg))
-            runs.append(image_summary(path, written, seg, time.perf_counter() - start))
-            if len(files) == 1:
-                log.info("%s -> %s (%dx%d, %.2f s)", path, ", ".join(written),
-                         seg.labels.shape[1], seg.labels.shape[0], runs[-1]["seconds"])
-    summary = {"pipeline": "bundle" if bundle_dir else "reference",
-               "bundle": os.path.abspath(bundle_dir) if bundle_dir else None,
-               "settings": {k: getattr(segmenter.params, k) for k in RUNTIME_ECHO},
-               "providers": getattr(segmenter, "providers", None),
-               "images": runs, "failed": failed}
-    write_json(os.path.join(outdir, SUMMARY), summary)
-    log.info("%d input(s) written to %s (summary: %s)", len(runs), outdir, SUMMARY)
-    if interrupted:
+    options = SegmentOptions(save_probs, overlay, VideoOptions(frame_stride, max_frames,
+                                                               save_frames, save_labels, smooth))
+    reporter = _ClickReporter(quiet)
+    try:
+        run = segment_inputs(segmenter, list(inputs), outdir, options, reporter,
+                             "bundle" if bundle_dir else "reference", bundle_dir)
+    finally:
+        reporter.close()
+    log.info("%d input(s) written to %s (summary: %s)", len(run.summary["images"]), outdir,
+             SUMMARY)
+    if run.interrupted:
         click.echo("error: interrupted; the output written so far is complete and plays",
                    err=True)
         sys.exit(130)
-    if failed:
-        if len(files) + len(videos) > 1:
-            click.echo(f"error: {len(failed)} of {len(files)} inputs failed: "
-                       f"{', '.join(f['input'] for f in failed)}", err=True)
+    if run.failed:
+        if run.inputs > 1:
+            click.echo(f"error: {len(run.failed)} of {run.inputs} inputs failed: "
+                       f"{', '.join(f['input'] for f in run.failed)}", err=True)
         sys.exit(EXIT_SOME_FAILED)
 
 
-def _frame_progress(frames: int, seconds: float) -> None:
-    click.echo(f"\rframes: {frames}  ({frames / max(seconds, 1e-9):.2f} fps)", err=True, nl=False)
+class _ClickReporter:
+    """A run's progress on stderr: a bar over several images, frames per second for videos,
+    one line per failed input."""
+
+    def __init__(self, quiet: bool):
+        self.quiet, self.bar, self.images = quiet, None, 0
+
+    def images_started(self, count: int) -> None:
+        self.images = count
+        if count > 1 and not self.quiet:
+            self.bar = click.progressbar(length=count, label="segmenting", file=sys.stderr,
+                                         show_pos=True)
+            self.bar.render_progress()
+
+    def image_done(self, path: str, entry: dict[str, Any]) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+        elif self.images == 1:
+            h, w = entry["size"]
+            log.info("%s -> %s (%dx%d, %.2f s)", path, ", ".join(entry["outputs"]), w, h,
+                     entry["seconds"])
+
+    def frame_done(self, frames: int, seconds: float) -> None:
+        if not self.quiet:
+            click.echo(f"\rframes: {frames}  ({frames / max(seconds, 1e-9):.2f} fps)", err=True,
+                       nl=False)
+
+    def video_done(self, entry: dict[str, Any]) -> None:
+        if not self.quiet:
+            click.echo("", err=True)
+        log.info("%s -> %s (%d frames, %d skipped as corrupt, %.2f fps)", entry["input"],
+                 ", ".join(entry["outputs"]), entry["frames_written"],
+                 entry["frames_skipped_corrupt"], entry["fps"] or 0)
+
+    def failed(self, source: str, error: str) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+        click.echo(f"\nerror: {error}" if self.bar is not None else f"error: {error}", err=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.render_finish()
 
 
 def _bundle_segmenter(bundle_dir: str, model_name: Optional[str], pretrained: Optional[str],
@@ -284,7 +273,9 @@ def _progress(what: str) -> Callable[[int, int], None]:
 @click.option("-o", "--output", "outdir", required=True, type=click.Path(file_okay=False),
               help="Bundle directory to write (e.g. models/ade20k).")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="fp32",
-              show_default=True, help="Graph precision (fp16/int8: coming).")
+              show_default=True,
+              help="Graph precision: fp32; fp16 for GPUs (matrix products in fp16); int8 for "
+                   "CPUs (dynamic; its agreement with fp32 is recorded, not enforced).")
 @click.option("--text-encoder/--no-text-encoder", default=False, show_default=True,
               help="Also export the text tower and tokenizer, so resclip-segment --bundle can "
                    "take --classes without torch.")
@@ -296,8 +287,6 @@ def export_main(model_name: str, pretrained: str, preset: Optional[str], classes
                 **overrides: Any) -> None:
     """Export a CLIP ViT + vocabulary as a verified ONNX bundle for resclip-segment --bundle."""
     _setup_logging(quiet)
-    if pretrained is None:
-        raise UserError("give the weights: --pretrained TAG_OR_FILE")
     params, vocab = resolve_settings(preset, classes, overrides)
     try:
         from .export.bundle_export import export_bundle
@@ -312,36 +301,19 @@ def export_main(model_name: str, pretrained: str, preset: Optional[str], classes
     manifest = export_bundle(clip, vocab, params, outdir, precision=precision,
                              text_encoder=text_encoder, force=force,
                              progress=_progress("text bank prompts"))
-    check = manifest["verification"]
-    size = sum(f["bytes"] for f in manifest["files"].values())
     log.info("wrote %s (%.1f MB, %s) in %.1f s: labels agree %.3f %% with torch", outdir,
-             size / 1e6, ", ".join(manifest["graphs"]), time.perf_counter() - start,
-             100 * check["labels_agreement"])
+             manifest.size_bytes / 1e6, ", ".join(manifest.graphs), time.perf_counter() - start,
+             100 * manifest.verification["labels_agreement"])
 
 
-def _reference_segmenter(model_name: str, pretrained: str, vocab: Vocabulary,
+def _reference_segmenter(model_name: str, pretrained: Optional[str], vocab: Vocabulary,
                          params: ResCLIPParams, device: str):
     try:
-        import torch
-        from .export.clip_loader import load_clip
-        from .export.reference import ReferenceSegmenter
+        from .export.reference import reference_segmenter
     except ImportError as e:
         raise UserError(f"--reference needs the torch side ({e.name} is missing): "
                         "pip install 'resclip-deploy[export]'") from None
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        torch.device(device)
-    except RuntimeError:
-        raise UserError(f"--device {device!r} is not a torch device; use cpu or cuda") from None
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: torch sees no CUDA GPU here; use --device cpu")
-    clip = load_clip(model_name, pretrained)
-    log.info("text bank: %d queries x 80 templates", len(vocab.queries))
-    start = time.perf_counter()
-    segmenter = ReferenceSegmenter.from_clip(clip, vocab, params, device=device)
-    log.info("text bank built in %.1f s", time.perf_counter() - start)
-    return segmenter
+    return reference_segmenter(model_name, pretrained, vocab, params, device)
 
 
 @click.command("resclip-eval", context_settings={"help_option_names": ["-h", "--help"]})
@@ -376,42 +348,26 @@ def eval_main(bundle_dir: str, dataset: str, root: str, limit: Optional[int],
               **overrides: Any) -> None:
     """Evaluate a bundle on a benchmark with mmsegmentation's mIoU: the table on stdout."""
     _setup_logging(quiet)
-    from .datasets import layout, list_samples
-    from .evaluate import bundle_warnings, evaluate, format_table, report
-    from .io import write_json
-    from .runtime.segmenter import Segmenter
+    from .evaluate import format_table, run_evaluation
 
-    d = layout(dataset)
-    samples = list_samples(d, root, limit)
-    bundles = [bundle_dir] + ([compare_dir] if compare_dir else [])
-    segmenters = [Segmenter.from_bundle(b, device=device, threads=threads, **overrides)
-                  for b in bundles]
-    for seg, path in zip(segmenters, bundles):
-        for note in bundle_warnings(seg, d, path):
-            log.warning("warning: %s", note)
-    if len(segmenters) > 1 and segmenters[1].vocab.class_names != segmenters[0].vocab.class_names:
-        raise UserError(f"bundles {bundle_dir} and {compare_dir} have different class names; "
-                        "compare bundles of one vocabulary")
-    log.info("%s: %d images under %s", d.title, len(samples), root)
+    def progress_bar(samples: Any) -> Any:
+        if quiet or len(samples) <= 1:
+            return contextlib.nullcontext(samples)
+        return click.progressbar(samples, label="evaluating", file=sys.stderr, show_pos=True,
+                                 item_show_func=lambda _: status["text"])
     status = {"text": ""}
 
     def on_image(sample: Any, ev: Any) -> None:
         miou = ev.running_miou()
         status["text"] = "" if miou is None else f"mIoU so far {miou:.2f}"
 
-    bar = click.progressbar(samples, label="evaluating", file=sys.stderr, show_pos=True,
-                            item_show_func=lambda _: status["text"]) \
-        if not quiet and len(samples) > 1 else contextlib.nullcontext(samples)
-    with bar as items:
-        ev = evaluate(segmenters, bundles, d, items, on_image, save_dir)
-    rep = report(ev, {"device": device,
-                      "providers": [s.providers for s in segmenters],
-                      "params": [s.params.to_dict() for s in segmenters]})
-    if json_path:
-        write_json(json_path, rep)
+    bundles = [bundle_dir] + ([compare_dir] if compare_dir else [])
+    rep, ev = run_evaluation(bundles, dataset, root, limit=limit, device=device,
+                             threads=threads, overrides=overrides, save_dir=save_dir,
+                             json_path=json_path, on_image=on_image, progress=progress_bar)
     click.echo(format_table(rep))
     if ev.interrupted:
-        click.echo(f"error: interrupted after {len(ev.images)} of {len(samples)} images; the "
+        click.echo(f"error: interrupted after {len(ev.images)} of {ev.samples} images; the "
                    "metrics above cover those", err=True)
         sys.exit(130)
     for path in ev.missing_labels:
@@ -420,7 +376,7 @@ def eval_main(bundle_dir: str, dataset: str, root: str, limit: Optional[int],
         click.echo(f"error: {f['error']}", err=True)
     if ev.missing_labels or ev.failed:
         click.echo(f"error: {len(ev.missing_labels)} image(s) without a label map and "
-                   f"{len(ev.failed)} unreadable, out of {len(samples)}; the metrics count "
+                   f"{len(ev.failed)} unreadable, out of {ev.samples}; the metrics count "
                    f"the {len(ev.images)} others", err=True)
         sys.exit(EXIT_SOME_FAILED)
 

@@ -1,11 +1,14 @@
 """resclip-eval's loop: bundles over a benchmark's images, mmseg's IoU metric (no torch).
 
 Each image is decoded once and segmented by every bundle (``--compare``), with the bundle's own
-pre-processing (its preset's short side, mode and thresholds, SPEC §2), at the original size.
+pre-processing (its preset's short side, mode and thresholds, docs/method.md §1, §2), at the
+original size.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -18,6 +21,8 @@ from .errors import UserError
 from .io import read_image, write_overlay, write_segmentation
 from .metrics import IoUAccumulator, areas, reduce_zero_label
 from .params import preset_params
+
+log = logging.getLogger("resclip_deploy")
 
 # What each image adds to the report: after it, the running metrics can be shown.
 ImageCallback = Callable[[Sample, "Evaluation"], None]
@@ -34,6 +39,7 @@ class Evaluation:
     missing_labels: list[str] = field(default_factory=list)
     failed: list[dict[str, str]] = field(default_factory=list)
     interrupted: bool = False        # Ctrl-C: the metrics cover the images before it
+    samples: int = 0                 # images listed for the run
 
     @property
     def agreement(self) -> Optional[float]:
@@ -52,7 +58,7 @@ def bundle_warnings(segmenter: Any, d: DatasetLayout, path: str) -> list[str]:
         raise UserError(f"bundle {path} has {len(classes)} classes, {d.name} has "
                         f"{d.num_classes}: export one with resclip-export --preset {d.name}")
     notes = []
-    source = segmenter.bundle.manifest["vocabulary"].get("source")
+    source = segmenter.bundle.manifest.vocabulary.source
     if source != f"preset:{d.name}":
         notes.append(f"bundle {path}: vocabulary from {source}, not the {d.name} preset's")
     preset = preset_params(d.name)
@@ -170,3 +176,39 @@ def format_table(rep: dict[str, Any]) -> str:
         lines.append(f"paper (ResCLIP on NACLIP, ViT-B/16, OpenAI weights, all images): mIoU "
                      f"{rep['paper_mIoU']:.1f}")
     return "\n".join(lines)
+
+
+def run_evaluation(bundles: Sequence[str], dataset: str, root: str, limit: Optional[int] = None,
+                   device: str = "auto", threads: Optional[int] = None,
+                   overrides: Optional[dict[str, Any]] = None, save_dir: Optional[str] = None,
+                   json_path: Optional[str] = None, on_image: Optional[ImageCallback] = None,
+                   progress: Optional[Callable[[Sequence[Sample]], Any]] = None,
+                   ) -> tuple[dict[str, Any], Evaluation]:
+    """``resclip-eval``: the bundles (a second one compared with the first) on ``dataset``
+    under ``root`` -> (the report, the evaluation). ``overrides``: connectivity / prob_thd /
+    temp_thd for this run. ``progress(samples)``: a context manager yielding the samples (a
+    progress bar); ``json_path``: the report is also written there. Departures from the
+    dataset's preset are logged as warnings."""
+    from .datasets import layout, list_samples
+    from .io import write_json
+    from .runtime.segmenter import Segmenter
+
+    d = layout(dataset)
+    samples = list_samples(d, root, limit)
+    segmenters = [Segmenter.from_bundle(b, device=device, threads=threads, **(overrides or {}))
+                  for b in bundles]
+    for seg, path in zip(segmenters, bundles):
+        for note in bundle_warnings(seg, d, path):
+            log.warning("warning: %s", note)
+    if len(segmenters) > 1 and segmenters[1].vocab.class_names != segmenters[0].vocab.class_names:
+        raise UserError(f"bundles {bundles[0]} and {bundles[1]} have different class names; "
+                        "compare bundles of one vocabulary")
+    log.info("%s: %d images under %s", d.title, len(samples), root)
+    with (progress or contextlib.nullcontext)(samples) as items:
+        ev = evaluate(segmenters, bundles, d, items, on_image, save_dir)
+    ev.samples = len(samples)
+    rep = report(ev, {"device": device, "providers": [s.providers for s in segmenters],
+                      "params": [s.params.to_dict() for s in segmenters]})
+    if json_path:
+        write_json(json_path, rep)
+    return rep, ev

@@ -5,14 +5,25 @@ numpy + OpenCV only (no torch). Arrays are channel-first float32 unless stated.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import cv2
 import numpy as np
 
 from .errors import UserError
 
-# CLIP normalisation in 0..255 units (SPEC §2).
-PIXEL_MEAN = np.array([122.771, 116.746, 104.094], dtype=np.float32)
-PIXEL_STD = np.array([68.501, 66.632, 70.323], dtype=np.float32)
+
+@dataclass(frozen=True)
+class PixelNorm:
+    """Per-channel RGB normalisation in 0..255 units: (x − mean) / std (docs/method.md §2.1)."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+# OpenAI CLIP's normalisation as the authors' configs write it: open_clip's mean and std × 255,
+# rounded to three decimals. Bundles record the model's own (manifest ``preprocess``).
+CLIP_PIXEL_NORM = PixelNorm((122.771, 116.746, 104.094), (68.501, 66.632, 70.323))
 
 # cv2.resize takes at most 128 channels per call in OpenCV 5 (512 in 4.x).
 _CV_MAX_CHANNELS = 128
@@ -24,14 +35,16 @@ def keep_ratio_size(h: int, w: int, short_side: int, long_side_max: int) -> tupl
     return int(h * f + 0.5), int(w * f + 0.5)
 
 
-def preprocess(rgb: np.ndarray, short_side: int, long_side_max: int) -> np.ndarray:
+def preprocess(rgb: np.ndarray, short_side: int, long_side_max: int,
+               norm: PixelNorm) -> np.ndarray:
     """RGB uint8 (H0, W0, 3) -> normalised network input (3, H, W) float32.
 
     Resized keeping aspect with bilinear interpolation on the uint8 image, as the reference does.
     """
     h, w = keep_ratio_size(rgb.shape[0], rgb.shape[1], short_side, long_side_max)
     resized = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_LINEAR)
-    x = (resized.astype(np.float32) - PIXEL_MEAN) / PIXEL_STD
+    mean, std = np.float32(norm.mean), np.float32(norm.std)
+    x = (resized.astype(np.float32) - mean) / std
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
@@ -80,7 +93,7 @@ def resize_bilinear_hwc(x: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
 def merge_windows(grids: np.ndarray, boxes: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
     """(K, gh, gw, Q) per-window patch logits -> (H, W, Q) per-pixel mean over windows.
 
-    Each window's grid is first resized bilinearly to its own box size (SPEC §2).
+    Each window's grid is first resized bilinearly to its own box size (docs/method.md §2.5).
     """
     canvas = np.zeros((*out_hw, grids.shape[3]), dtype=np.float32)
     count = np.zeros(out_hw, dtype=np.float32)

@@ -1,4 +1,5 @@
-"""PAMR (pixel-adaptive mask refinement) of the SFR pre-pass on CPU (SPEC §5). numpy + scipy.
+"""PAMR (pixel-adaptive mask refinement) of the SFR pre-pass on CPU (docs/method.md §5).
+numpy + scipy.
 
 Each iteration sets every pixel's mask to the affinity-weighted sum of its 16 neighbours, the same
 weights for every query. That is one sparse (HW x HW) matrix with 16 entries per row applied to a

@@ -2,7 +2,7 @@
 
 Every number the pipeline uses comes from a :class:`ResCLIPParams`; inner functions take the
 fields they need as explicit arguments. The presets carry the values of the authors' configs
-(SPEC §1); :data:`CUSTOM` holds the defaults for a user's own vocabulary.
+(docs/method.md §1); :data:`CUSTOM` holds the defaults for a user's own vocabulary.
 """
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ from typing import Any, Optional
 from .errors import UserError
 
 METHODS = ("clip", "sclip", "clearclip", "naclip")
-# clip/sclip keep the last block's residual and MLP; naclip/clearclip drop both (SPEC §4 step 5).
+# clip/sclip keep the last block's residual and MLP; naclip/clearclip drop both
+# (docs/method.md §4 step 5).
 RESIDUAL_METHODS = ("clip", "sclip")
 CONNECTIVITIES = ("reference", "components")
 MODES = ("slide", "whole")
 
-# SFR pre-pass refinement (SPEC §5); fixed by the method, not a user setting.
+# SFR pre-pass refinement (docs/method.md §5); fixed by the method, not a user setting.
 PAMR_ITERATIONS = 10
 PAMR_DILATIONS = (8, 16)
 
@@ -30,41 +31,54 @@ _RCS_WINDOW_12 = (5, 9)
 
 @dataclass(frozen=True)
 class ResCLIPParams:
-    """All settings of one ResCLIP run.
+    """All settings of one ResCLIP run (docs/method.md §1). Frozen; validated on construction."""
 
-    method: base attention of the last block (clip | sclip | clearclip | naclip).
-    rcs / sfr: switch Residual Cross-correlation Self-attention / Semantic Feedback Refinement.
-    rcs_layers: 0-based trunk blocks averaged for RCS; None = the paper's blocks 5..8 of 12,
-        scaled to the model depth by :func:`rcs_blocks`.
-    connectivity: SFR's same-entity test: 'reference' (the authors' line walk, for parity) or
-        'components' (8-connected components, what the paper describes).
-    mode: 'slide' (crop x crop windows every stride pixels) or 'whole' (one forward).
-    short_side / long_side_max: keep-ratio resize target (SPEC §2).
-    """
-
+    # Base attention of the last block: clip | sclip | clearclip | naclip (docs/method.md §4).
     method: str = "naclip"
+    # Residual Cross-correlation Self-attention: mix the trunk's attention maps into the last block.
     rcs: bool = True
+    # τ of RCS: scale of the blended attention probabilities.
     rcs_tau: float = 2.0
+    # λ of RCS: weight of the RCS map against the last block's own attention, in [0, 1].
     rcs_lambda: float = 0.5
+    # 0-based trunk blocks averaged for RCS; None = the paper's blocks 5..8 of 12, scaled to the
+    # model depth by rcs_blocks().
     rcs_layers: Optional[tuple[int, ...]] = None
+    # Semantic Feedback Refinement: a pre-pass's labels bias the last block's attention.
     sfr: bool = True
+    # τ of SFR: scale of the blended attention logits.
     sfr_tau: float = 2.0
+    # λ of SFR: weight of the SFR matrix against the base attention logits, in [0, 1].
     sfr_lambda: float = 0.7
+    # SFR pre-pass: pixels whose best query probability is below this get no label.
     temp_thd: float = 0.25
+    # SFR same-entity test: 'components' (8-connected, as the paper describes) or 'reference'
+    # (the authors' line walk, for their exact numbers).
     connectivity: str = "components"
+    # σ (in patches) of the naclip neighbourhood window and of the SFR matrix's row blur.
     gaussian_std: float = 5.0
+    # Softmax temperature of the pre-pass and of the output probabilities.
     logit_scale: float = 40.0
+    # Output: label 0 where the best class probability is below this (0 = off).
     prob_thd: float = 0.0
+    # 'slide' (crop x crop windows every stride pixels) or 'whole' (one forward of the image).
     mode: str = "slide"
+    # Slide mode: window side in pixels.
     crop: int = 224
+    # Slide mode: step between windows in pixels (at most crop).
     stride: int = 112
+    # Keep-ratio resize: the short side becomes this many pixels ...
     short_side: int = 336
+    # ... unless the long side would then exceed this (docs/method.md §2.1).
     long_side_max: int = 2048
 
     def __post_init__(self) -> None:
         _check_choice("method", self.method, METHODS)
         _check_choice("connectivity", self.connectivity, CONNECTIVITIES)
         _check_choice("mode", self.mode, MODES)
+        for name in ("rcs", "sfr"):
+            if not isinstance(getattr(self, name), bool):
+                raise UserError(f"{name}={getattr(self, name)!r}: must be true or false")
         for name in ("rcs_tau", "sfr_tau", "gaussian_std", "logit_scale"):
             _check_range(name, getattr(self, name), 0.0, 1e6, low_open=True)
         for name in ("rcs_lambda", "sfr_lambda", "temp_thd", "prob_thd"):
@@ -154,24 +168,30 @@ def _check_range(name: str, value: Any, low: float, high: float, low_open: bool 
         raise UserError(f"{name}={value!r} is outside {bound}")
 
 
-def _preset(temp_thd: float, rcs_lambda: float, sfr_tau: float, sfr_lambda: float,
-            prob_thd: float, mode: str, short_side: int) -> ResCLIPParams:
-    # Connectivity stays at our default, 'components'; parity runs ask for 'reference'.
-    return ResCLIPParams(method="naclip", rcs=True, rcs_tau=2.0, rcs_lambda=rcs_lambda,
-                         sfr=True, sfr_tau=sfr_tau, sfr_lambda=sfr_lambda, temp_thd=temp_thd,
-                         prob_thd=prob_thd, mode=mode, short_side=short_side)
+def _preset(**values: Any) -> ResCLIPParams:
+    # The paper's main setting (naclip + RCS + SFR) with one benchmark's values. Connectivity
+    # stays at our default, 'components'; parity runs ask for 'reference'.
+    return ResCLIPParams(method="naclip", rcs=True, sfr=True, **values)
 
 
-# name -> (settings, class file shipped in resclip_deploy/classes). Values: SPEC §1.
+# name -> (settings, class file shipped in resclip_deploy/classes). Values: docs/method.md §1.
 PRESETS: dict[str, tuple[ResCLIPParams, str]] = {
-    "voc20": (_preset(0.10, 0.6, 2.1, 0.6, 0.0, "whole", 336), "cls_voc20.txt"),
-    "voc21": (_preset(0.50, 0.3, 2.2, 0.7, 0.1, "whole", 336), "cls_voc21.txt"),
-    "context59": (_preset(0.25, 0.4, 1.8, 0.7, 0.0, "slide", 336), "cls_context59.txt"),
-    "context60": (_preset(0.30, 0.3, 1.8, 0.7, 0.1, "slide", 336), "cls_context60.txt"),
-    "coco_object": (_preset(0.11, 0.4, 1.8, 0.7, 0.1, "slide", 336), "cls_coco_object.txt"),
-    "coco_stuff164k": (_preset(0.11, 0.4, 1.8, 0.7, 0.0, "slide", 336), "cls_coco_stuff.txt"),
-    "city_scapes": (_preset(0.10, 0.2, 2.1, 0.6, 0.0, "slide", 560), "cls_city_scapes.txt"),
-    "ade20k": (_preset(0.25, 0.3, 2.1, 0.7, 0.0, "slide", 336), "cls_ade20k.txt"),
+    "voc20": (_preset(temp_thd=0.10, rcs_lambda=0.6, sfr_tau=2.1, sfr_lambda=0.6,
+                      mode="whole"), "cls_voc20.txt"),
+    "voc21": (_preset(temp_thd=0.50, rcs_lambda=0.3, sfr_tau=2.2, sfr_lambda=0.7, prob_thd=0.1,
+                      mode="whole"), "cls_voc21.txt"),
+    "context59": (_preset(temp_thd=0.25, rcs_lambda=0.4, sfr_tau=1.8, sfr_lambda=0.7),
+                  "cls_context59.txt"),
+    "context60": (_preset(temp_thd=0.30, rcs_lambda=0.3, sfr_tau=1.8, sfr_lambda=0.7,
+                          prob_thd=0.1), "cls_context60.txt"),
+    "coco_object": (_preset(temp_thd=0.11, rcs_lambda=0.4, sfr_tau=1.8, sfr_lambda=0.7,
+                            prob_thd=0.1), "cls_coco_object.txt"),
+    "coco_stuff164k": (_preset(temp_thd=0.11, rcs_lambda=0.4, sfr_tau=1.8, sfr_lambda=0.7),
+                       "cls_coco_stuff.txt"),
+    "city_scapes": (_preset(temp_thd=0.10, rcs_lambda=0.2, sfr_tau=2.1, sfr_lambda=0.6,
+                            short_side=560), "cls_city_scapes.txt"),
+    "ade20k": (_preset(temp_thd=0.25, rcs_lambda=0.3, sfr_tau=2.1, sfr_lambda=0.7),
+               "cls_ade20k.txt"),
 }
 
 # A user's own vocabulary: the paper's robust λ (RCS 0.5, SFR 0.7), our connected components.

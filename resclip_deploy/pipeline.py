@@ -24,8 +24,8 @@ from .vocab import Vocabulary
 
 def prepass_probs(logits: np.ndarray, image: np.ndarray, logit_scale: float,
                   pool: Optional[ThreadPoolExecutor], blocks: int) -> tuple[np.ndarray, np.ndarray]:
-    """SFR pre-pass of one window (SPEC §5): (Q, gh, gw) logits, (3, h, w) normalised window ->
-    (h, w) int64 argmax query and (h, w) float32 its probability.
+    """SFR pre-pass of one window (docs/method.md §5): (Q, gh, gw) logits, (3, h, w) normalised
+    window -> (h, w) int64 argmax query and (h, w) float32 its probability.
 
     Bilinear to the window size, PAMR guided by the window, softmax(logit_scale·x) over queries.
     PAMR runs as ``blocks`` row blocks in parallel on ``pool`` when given: how a single window
@@ -109,9 +109,10 @@ class Prepared:
     image_hw: tuple[int, int]
 
 
-def prepare(rgb: np.ndarray, params: ResCLIPParams, patch: int) -> Prepared:
-    """RGB uint8 (H0, W0, 3) -> resized, normalised windows (SPEC §2)."""
-    x = geometry.preprocess(rgb, params.short_side, params.long_side_max)
+def prepare(rgb: np.ndarray, params: ResCLIPParams, patch: int,
+            norm: geometry.PixelNorm) -> Prepared:
+    """RGB uint8 (H0, W0, 3) -> resized, normalised windows (docs/method.md §2.1, §2.2)."""
+    x = geometry.preprocess(rgb, params.short_side, params.long_side_max, norm)
     geometry.check_input_size(x.shape[1:], patch)
     boxes = geometry.window_boxes(x.shape[1], x.shape[2], params.mode, params.crop, params.stride)
     return Prepared(geometry.crop_batch(x, boxes), boxes, x.shape[1:], rgb.shape[:2])
@@ -132,14 +133,15 @@ def finish(prepared: Prepared, logits: np.ndarray, params: ResCLIPParams, patch:
     return seg
 
 
-def segment_image(rgb: np.ndarray, params: ResCLIPParams, patch: int, vocab: Vocabulary,
-                  run_windows: WindowRunner, with_probs: bool = True) -> Segmentation:
+def segment_image(rgb: np.ndarray, params: ResCLIPParams, patch: int, norm: geometry.PixelNorm,
+                  vocab: Vocabulary, run_windows: WindowRunner,
+                  with_probs: bool = True) -> Segmentation:
     """RGB uint8 (H0, W0, 3) -> Segmentation at (H0, W0), with per-stage timings.
 
     ``run_windows``: (K, 3, h, w) normalised windows, timings -> (K, Q, gh·gw) cosine logits.
     """
     times = Timings()
     with times("preprocess"):
-        prepared = prepare(rgb, params, patch)
+        prepared = prepare(rgb, params, patch, norm)
     logits = run_windows(prepared.windows, times)
     return finish(prepared, logits, params, patch, vocab, with_probs, times)

@@ -1,4 +1,4 @@
-"""From averaged query logits to class labels and probabilities (SPEC §2, output). numpy only.
+"""From averaged query logits to class labels and probabilities (docs/method.md §2.6). numpy only.
 
 Works channel-last, (H, W, Q), so each pixel's queries are contiguous. Large outputs are made in
 query chunks (aligned to classes) so memory stays within a budget however big the image is;

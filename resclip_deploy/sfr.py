@@ -1,4 +1,4 @@
-"""Semantic Feedback Refinement on CPU: patch labels and the SFR matrix (SPEC §5 end, §6).
+"""Semantic Feedback Refinement on CPU: patch labels and the SFR matrix (docs/method.md §5 end, §6).
 
 numpy + OpenCV + scipy, no torch: the torch reference and the ONNX runtime call the same code
 between their encoder and head steps. Grid index i = r·w + c (row-major).
@@ -109,7 +109,7 @@ def gaussian_kernel_1d(n: int, std: float) -> np.ndarray:
 
 
 def sfr_matrix(grid: np.ndarray, connectivity: str, gaussian_std: float) -> np.ndarray:
-    """(h, w) patch labels -> (N+1, N+1) float32 S with a zero CLS row and column (SPEC §6).
+    """(h, w) patch labels -> (N+1, N+1) float32 S, zero CLS row and column (docs/method.md §6).
 
     M = same label; same-label pairs that are not connected decay by exp(-d/D); each row is
     blurred along the flattened index (zero padding), then normalised to sum 1.
@@ -138,7 +138,7 @@ def sfr_matrix(grid: np.ndarray, connectivity: str, gaussian_std: float) -> np.n
 
 
 def sfr_bias(s: np.ndarray) -> np.ndarray:
-    """S -> fp16(S / max S) as float32: the matrix the last block mixes in (SPEC §4, step 1).
+    """S -> fp16(S / max S) as float32, what the last block mixes in (docs/method.md §4 step 1).
 
     The fp16 rounding is the reference's, applied in fp32 runs too.
     """

@@ -1,9 +1,10 @@
 """Building the text-embedding bank from any text encoder (torch or ONNX): numpy only.
 
 One unit feature per query: the 80 OpenAI ImageNet prompt templates -> tokens -> encoder ->
-L2-normalise -> mean over templates -> L2-normalise (SPEC §2). Text attention is causal, so the
-end-of-text feature depends only on the tokens before it: prompts are sorted by length and each
-batch runs with the context cut to its longest prompt (same features, several times less work).
+L2-normalise -> mean over templates -> L2-normalise (docs/method.md §2.4). Text attention is
+causal, so the end-of-text feature depends only on the tokens before it: prompts are sorted by
+length and each batch runs with the context cut to its longest prompt (same features, several
+times less work).
 """
 
 from __future__ import annotations

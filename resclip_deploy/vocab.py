@@ -1,4 +1,4 @@
-"""Vocabularies: classes with synonyms, flattened to text queries (SPEC §2).
+"""Vocabularies: classes with synonyms, flattened to text queries (docs/method.md §2.3).
 
 A class file has one class per line, synonyms separated by ', ' (comma + space); only the newline
 is stripped, as the reference code does. On the command line a vocabulary may also be a comma list,

@@ -82,6 +82,22 @@ def create_session(path: str, device: str, threads: Optional[int]) -> ort.Infere
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
+def load_text_bank(bundle: Bundle) -> np.ndarray:
+    """The bundle's ``text_bank.npy``: (queries, embed_dim) float32, one row per query."""
+    manifest = bundle.manifest
+    want = (len(manifest.vocabulary.queries), manifest.model.embed_dim)
+    try:
+        bank = np.load(bundle.file(TEXT_BANK_FILE), allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise UserError(f"bundle {bundle.path}: {TEXT_BANK_FILE} is unreadable ({e}); export "
+                        "the bundle again") from None
+    if bank.dtype != np.float32 or bank.shape != want:
+        raise UserError(f"bundle {bundle.path}: {TEXT_BANK_FILE} holds {bank.dtype} "
+                        f"{bank.shape}, not float32 {want} (queries x embedding); export the "
+                        "bundle again")
+    return bank
+
+
 def _device_of(session: ort.InferenceSession) -> str:
     first = session.get_providers()[0]
     return next(name for name, chain in _PROVIDER_CHAINS.items() if chain[0] == first)
@@ -114,9 +130,11 @@ class Segmenter:
         # 'cuda' when the graphs run on a GPU provider, else 'cpu' (read once: run_graph asks)
         first = next(iter(sessions.values())).get_providers()[0]
         self.device_type = "cpu" if first == "CPUExecutionProvider" else "cuda"
-        self.params = bundle.params.replace(**overrides)
-        self.vocab = bundle.vocabulary
-        self.patch = bundle.patch
+        manifest = bundle.manifest
+        self.params = manifest.params.replace(**overrides)
+        self.vocab = manifest.vocabulary
+        self.patch = manifest.model.patch
+        self.norm = manifest.preprocess.norm
 
     @classmethod
     def from_bundle(cls, path: str, device: str = "auto", threads: Optional[int] = None,
@@ -124,27 +142,29 @@ class Segmenter:
         """``classes``: a new vocabulary (needs a bundle exported with --text-encoder).
         ``overrides``: runtime-side settings (connectivity, prob_thd, temp_thd); None = keep."""
         bundle = read_bundle(path)
-        spec = bundle.manifest.get("text_encoder")
-        if classes is not None and spec is None:
+        manifest = bundle.manifest
+        if classes is not None and manifest.text_encoder is None:
             raise UserError(f"bundle {path} has a fixed vocabulary; to choose classes at run "
                             "time re-export it with resclip-export --text-encoder")
         sessions: dict[str, ort.InferenceSession] = {}
         # Smallest graph first: 'auto' probes GPU providers on it (a failed probe still parses
         # the graph), then every other graph goes straight to the provider that bound.
-        files, graph_files = bundle.manifest["files"], bundle.manifest["graphs"]
-        graphs = sorted(graph_files, key=lambda g: files[graph_files[g]["file"]]["bytes"])
+        graphs = sorted(manifest.graphs, key=lambda g: manifest.files[manifest.graphs[g].file]
+                        .bytes)
         for name in graphs:
             sessions[name] = create_session(bundle.graph_file(name), device, threads)
+            bundle.check_session(name, sessions[name])
             device = _device_of(sessions[name])
         for name, session in sessions.items():
             log.info("%s graph on %s", name, ", ".join(session.get_providers()))
         text = None
-        if bundle.manifest["text_bank"] == "input":
-            text = np.load(bundle.file(TEXT_BANK_FILE), allow_pickle=False)
+        if manifest.text_input:
+            text = load_text_bank(bundle)
         if classes is not None:
-            encoder = TextEncoder(Tokenizer.from_file(bundle.file(spec["tokenizer"])),
-                                  create_session(bundle.file(spec["graph"]), device, threads),
-                                  spec)
+            spec = manifest.text_encoder
+            session = create_session(bundle.file(spec.graph), device, threads)
+            bundle.check_session("text_encoder", session)
+            encoder = TextEncoder(Tokenizer.from_file(bundle.file(spec.tokenizer)), session, spec)
             text = encoder.bank(classes.queries)
         segmenter = cls(bundle, sessions, text, {k: v for k, v in overrides.items()
                                                  if v is not None})
@@ -210,5 +230,5 @@ class Segmenter:
     def segment(self, rgb: np.ndarray, with_probs: bool = True) -> Segmentation:
         """RGB uint8 (H0, W0, 3) -> Segmentation at (H0, W0); ``with_probs=False`` skips the
         (C, H0, W0) probabilities (labels only, less memory)."""
-        return segment_image(rgb, self.params, self.patch, self.vocab, self.run_windows,
-                             with_probs)
+        return segment_image(rgb, self.params, self.patch, self.norm, self.vocab,
+                             self.run_windows, with_probs)

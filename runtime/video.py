@@ -147,7 +147,7 @@ class VideoEngine:
             for index, rgb in frames:
                 if stop.is_set():
                     break
-                queues[0].put(_Item(index, rgb, prepare(rgb, seg.params, seg.patch)))
+                queues[0].put(_Item(index, rgb, prepare(rgb, seg.params, seg.patch, seg.norm)))
             queues[0].put(_END)
 
         def encoder(item_batch: list[_Item]) -> None:

@@ -97,3 +97,28 @@ def _default_sigint():
 # Popen keyword for children that must get Ctrl-C: a test run started as a background job has
 # SIGINT ignored, the children inherit that, and Python then installs no KeyboardInterrupt.
 CTRL_C_CHILD = {"preexec_fn": _default_sigint}
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_files, tmp_path_factory):
+    """The tiny ViT exported with the custom defaults (SFR on: encoder + head) and a text
+    encoder, so that every manifest field is present. Tests copy it before changing it."""
+    from resclip_deploy.export.bundle_export import export_bundle
+    from resclip_deploy.export.clip_loader import load_clip
+    from resclip_deploy.params import CUSTOM
+    from resclip_deploy.vocab import parse_class_list
+    out = tmp_path_factory.mktemp("tiny_bundle") / "b"
+    export_bundle(load_clip(TINY, str(tiny_files[1]["pt"])), parse_class_list("cat|kitten,sofa"),
+                  CUSTOM, str(out), text_encoder=True)
+    return out
+
+
+# Tests that need an exported bundle are slow (an export takes 10-40 s here): marked by the
+# fixtures they use, so a new test is classed without anyone remembering to.
+BUNDLE_FIXTURES = {"bundle_for", "tiny_bundle"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if BUNDLE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

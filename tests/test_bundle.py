@@ -169,6 +169,7 @@ def test_bundle_fixes_export_time_settings(bundle_for, tmp_path):
     assert result.exit_code == 0, result.output
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("changes", [{}, {"mode": "whole", "method": "clearclip"},
                                      {"sfr": False, "method": "sclip"}],
                          ids=["slide-naclip", "whole-clearclip", "no-sfr-sclip"])
@@ -185,8 +186,8 @@ def test_tiny_random_open_clip_vit_exports_and_runs(tiny_files, tmp_path, change
     vocab = parse_class_list("cat|kitten,sofa,wall,floor")
     params = CUSTOM.replace(**changes)
     manifest = export_bundle(clip, vocab, params, str(tmp_path / "tiny"))
-    assert manifest["model"] == {"patch": 32, "grid": 7, "width": 128, "depth": 4, "heads": 2,
-                                 "embed_dim": 64, "rcs_blocks": [2]}
+    assert manifest.model.to_dict() == {"patch": 32, "grid": 7, "width": 128, "depth": 4,
+                                        "heads": 2, "embed_dim": 64, "rcs_blocks": [2]}
     seg = Segmenter.from_bundle(str(tmp_path / "tiny"), device="cpu")
     ref = ReferenceSegmenter.from_clip(clip, vocab, params)
     rgb = read_image(str(FIXTURES / "images" / "astronaut.png"))
@@ -196,6 +197,7 @@ def test_tiny_random_open_clip_vit_exports_and_runs(tiny_files, tmp_path, change
     np.testing.assert_allclose(ours.probs, theirs.probs, rtol=0, atol=1e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp16", "int8"])
 def test_reduced_precision_bundles_are_what_they_say_and_report_agreement(
         precision, fixture_clip, tmp_path):
@@ -208,8 +210,8 @@ def test_reduced_precision_bundles_are_what_they_say_and_report_agreement(
     params = PRESETS["context60"][0].replace(connectivity="reference")
     manifest = export_bundle(fixture_clip, preset_vocabulary("context60"), params,
                              str(tmp_path / "b"), precision=precision)
-    assert manifest["precision"] == precision
-    check = manifest["verification"]
+    assert manifest.precision == precision
+    check = manifest.verification
     assert 0.9 <= check["labels_agreement"] <= 1.0
     graph = onnx.load(str(tmp_path / "b" / "encoder.onnx"))
     ops = {n.op_type for n in graph.graph.node}
@@ -249,12 +251,13 @@ def test_tokenizer_file_equals_open_clip_on_every_preset_prompt():
     from resclip_deploy.vocab import preset_vocabulary
     simple = open_clip.SimpleTokenizer()
     tok = clip_bpe_tokenizer(simple)
-    spec = {"context_length": 77, "sot": simple.sot_token_id, "eot": simple.eot_token_id}
     prompts = TRICKY + [p for name in PRESETS
                         for p in prompts_for(preset_vocabulary(name).queries, TEMPLATES)]
-    np.testing.assert_array_equal(encode_prompts(tok, spec, prompts), tokenize(simple, prompts))
+    ours = encode_prompts(tok, prompts, 77, simple.sot_token_id, simple.eot_token_id)
+    np.testing.assert_array_equal(ours, tokenize(simple, prompts))
 
 
+@pytest.mark.slow
 def test_text_encoder_bundle_takes_new_classes_without_torch(fixture_clip, tmp_path):
     from resclip_deploy.export.bundle_export import export_bundle
     from resclip_deploy.export.text import text_bank
@@ -263,8 +266,8 @@ def test_text_encoder_bundle_takes_new_classes_without_torch(fixture_clip, tmp_p
     out = tmp_path / "b"
     manifest = export_bundle(fixture_clip, preset_vocabulary("voc20"), PRESETS["voc20"][0],
                              str(out), text_encoder=True)
-    assert manifest["verification"]["text_bank_max_abs_diff"] <= 1e-4
-    assert {"text_encoder.onnx", "tokenizer.json", "text_bank.npy"} <= set(manifest["files"])
+    assert manifest.verification["text_bank_max_abs_diff"] <= 1e-4
+    assert {"text_encoder.onnx", "tokenizer.json", "text_bank.npy"} <= set(manifest.files)
     classes = "cat|kitten|tabby,sofa,wall,fish & chips"
     code = (
         "import sys, numpy as np\n"
@@ -297,6 +300,7 @@ def test_fixed_vocabulary_bundle_refuses_classes(bundle_for, tmp_path):
     assert result.exit_code == 2 and "--text-encoder" in result.output
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_export_leaves_nothing(tmp_path):
     import signal
     import time
@@ -315,6 +319,7 @@ def test_ctrl_c_during_export_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_large_graphs_keep_weights_in_a_data_file(tiny_files, tmp_path, monkeypatch):
     from resclip_deploy.export import onnx_export
     from resclip_deploy.export.bundle_export import export_bundle
@@ -326,7 +331,7 @@ def test_large_graphs_keep_weights_in_a_data_file(tiny_files, tmp_path, monkeypa
     _, files = tiny_files
     manifest = export_bundle(load_clip(TINY, str(files["pt"])), parse_class_list("a,b"), CUSTOM,
                              str(tmp_path / "b"))
-    data_files = [f for f in manifest["files"] if not f.endswith((".onnx", ".npy"))]
-    assert data_files and all(manifest["files"][f]["sha256"] for f in data_files)
-    assert manifest["verification"]["labels_agreement"] >= 0.995
+    data_files = [f for f in manifest.files if not f.endswith((".onnx", ".npy"))]
+    assert data_files and all(manifest.files[f].sha256 for f in data_files)
+    assert manifest.verification["labels_agreement"] >= 0.995
     Segmenter.from_bundle(str(tmp_path / "b"), device="cpu")

@@ -33,6 +33,7 @@ def assert_one_line_error(result, *needles, code=2):
         assert needle in lines[0], (needle, lines[0])
 
 
+@pytest.mark.slow
 def test_outputs_custom_vocabulary_and_more_than_256_classes(tmp_path):
     classes = ",".join(f"thing{i}" for i in range(300))
     small = tmp_path / "small.png"
@@ -53,6 +54,7 @@ def test_missing_image(tmp_path):
                           "nope.jpg", "does not exist", code=1)
 
 
+@pytest.mark.slow
 def test_corrupt_image_is_named_and_the_others_still_run(tmp_path):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 50)

@@ -492,3 +492,17 @@ def test_unreadable_image_and_mismatched_label_are_reported_by_name(bundle_for, 
     rep = json.loads(out.read_text())
     assert rep["images_evaluated"] == 2 and len(rep["failed"]) == 2
     assert_same_metrics(rep["results"][0], confusion_metrics(preds, gts, 150))
+
+
+def test_run_evaluation_as_a_library_call(eval_bundle, tmp_path):
+    from resclip_deploy.evaluate import run_evaluation
+    bundle = eval_bundle("coco_object")
+    root = tmp_path / "data"
+    preds, gts = build_eval_dataset("coco_object", root, bundle)
+    seen = []
+    rep, ev = run_evaluation([str(bundle)], "coco_object", str(root), device="cpu",
+                             json_path=str(tmp_path / "r.json"),
+                             on_image=lambda sample, ev: seen.append(sample.id))
+    assert seen == sample_ids("coco_object") and ev.samples == 2 and not ev.interrupted
+    assert_same_metrics(rep["results"][0], confusion_metrics(preds, gts, 81))
+    assert json.loads((tmp_path / "r.json").read_text())["results"] == rep["results"]

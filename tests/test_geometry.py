@@ -1,4 +1,4 @@
-"""Tests for resclip_deploy/geometry.py and resclip_deploy/postprocess.py (SPEC §2).
+"""Tests for resclip_deploy/geometry.py and resclip_deploy/postprocess.py (docs/method.md §2).
 
 Parity cases come from tests/fixtures/parity (reference outputs of the official code; never edit).
 """
@@ -105,7 +105,7 @@ def test_window_boxes_cover_image_one_size(h, w, crop, stride):
     for y1, y2, x1, x2 in boxes:
         count[y1:y2, x1:x2] += 1
     assert count.min() >= 1
-    # row-major visiting order, per-axis windows as written in SPEC §2
+    # row-major visiting order, per-axis windows as docs/method.md §2.2 writes them
     want = [(y1, y2, x1, x2) for y1, y2 in _spec_axis(h, crop, stride)
             for x1, x2 in _spec_axis(w, crop, stride)]
     assert [tuple(int(v) for v in b) for b in boxes] == want
@@ -121,7 +121,8 @@ def test_preprocess_matches_fixture_crop0(name):
     case = CASE_BY_NAME[name]
     rgb = _rgb(case["image"])
     assert rgb.shape[:2] == tuple(case["image_hw"])
-    x = geometry.preprocess(rgb, case["short_side"], case["long_side_max"])
+    x = geometry.preprocess(rgb, case["short_side"], case["long_side_max"],
+                            geometry.CLIP_PIXEL_NORM)
     assert x.dtype == np.float32 and x.shape == (3, *case["input_hw"])
     y1, y2, x1, x2 = (int(v) for v in _npz(name, "crop_boxes")[0])
     want = _npz(name, "crop0_input")[0]
@@ -235,7 +236,7 @@ def test_merge_windows_resizes_each_grid_to_its_box():
 # postprocess.finalize: (H, W, Q) logits -> labels, probs at the original size
 
 def reference_output(logits_chw, out_hw, q2c, num_classes, prob_thd):
-    """SPEC §2's output steps in float64, channel-first."""
+    """docs/method.md §2's output steps in float64, channel-first."""
     full = resize_chw(logits_chw, out_hw).astype(np.float64) * 40
     e = np.exp(full - full.max(axis=0))
     e /= e.sum(axis=0)
@@ -313,7 +314,7 @@ def test_finalize_first_argmax_on_ties():
 
 @pytest.mark.parametrize("name", CASE_NAMES)
 def test_postprocess_matches_fixture_samples(name):
-    # probs_at / labels at the sampled pixels follow from logits_at pointwise (SPEC §2, output)
+    # probs_at / labels at the sampled pixels follow from logits_at pointwise (docs/method.md §2.6)
     case = CASE_BY_NAME[name]
     logits_at = _npz(name, "logits_at")                       # (S, Q)
     q2c = _npz(name, "query_idx").astype(np.int64)

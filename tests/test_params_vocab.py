@@ -1,4 +1,4 @@
-"""Tests for resclip_deploy/params.py and resclip_deploy/vocab.py (SPEC §1, §2)."""
+"""Tests for resclip_deploy/params.py and resclip_deploy/vocab.py (docs/method.md §1, §2)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from resclip_deploy import vocab as V
 from resclip_deploy.errors import UserError
 from resclip_deploy.params import ResCLIPParams, rcs_blocks
 
-# SPEC §1: preset -> (short side, mode, temp_thd, RCS tau, RCS lambda, SFR tau, SFR lambda,
-# prob_thd)
-SPEC_TABLE = {
+# docs/method.md §1: preset -> (short side, mode, temp_thd, RCS tau, RCS lambda, SFR tau,
+# SFR lambda, prob_thd)
+PRESET_TABLE = {
     "voc20": (336, "whole", 0.10, 2.0, 0.6, 2.1, 0.6, 0.0),
     "voc21": (336, "whole", 0.50, 2.0, 0.3, 2.2, 0.7, 0.1),
     "context59": (336, "slide", 0.25, 2.0, 0.4, 1.8, 0.7, 0.0),
@@ -41,12 +41,12 @@ VOCAB_TABLE = {
 # presets
 
 def test_preset_names():
-    assert set(P.PRESETS) == set(SPEC_TABLE)
+    assert set(P.PRESETS) == set(PRESET_TABLE)
 
 
-@pytest.mark.parametrize("name", sorted(SPEC_TABLE))
+@pytest.mark.parametrize("name", sorted(PRESET_TABLE))
 def test_preset_matches_spec_table(name):
-    short, mode, temp_thd, rcs_tau, rcs_lambda, sfr_tau, sfr_lambda, prob_thd = SPEC_TABLE[name]
+    short, mode, temp_thd, rcs_tau, rcs_lambda, sfr_tau, sfr_lambda, prob_thd = PRESET_TABLE[name]
     p = P.preset_params(name)
     assert p is P.PRESETS[name][0]
     assert p.short_side == short
@@ -57,7 +57,7 @@ def test_preset_matches_spec_table(name):
     assert p.sfr_tau == pytest.approx(sfr_tau, abs=1e-12)
     assert p.sfr_lambda == pytest.approx(sfr_lambda, abs=1e-12)
     assert p.prob_thd == pytest.approx(prob_thd, abs=1e-12)
-    # the paper's main setting (SPEC §1)
+    # the paper's main setting (docs/method.md §1)
     assert p.method == "naclip"
     assert p.rcs is True and p.sfr is True
     assert p.connectivity == "components"

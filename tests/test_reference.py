@@ -56,7 +56,7 @@ def test_batch_of_two_equals_two_singles(method, fixture_clip, chelsea_case):
     case, ref = chelsea_case
     seg = segmenter(fixture_clip, ref, method=method)
     from resclip_deploy import geometry
-    x = geometry.preprocess(read_image(str(case_image(case))), 336, 2048)
+    x = geometry.preprocess(read_image(str(case_image(case))), 336, 2048, geometry.CLIP_PIXEL_NORM)
     boxes = geometry.window_boxes(*x.shape[1:], "slide", 224, 112)[[0, 5]]
     windows = geometry.crop_batch(x, boxes)
     both = seg.forward_windows(windows)

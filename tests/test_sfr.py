@@ -1,4 +1,5 @@
-"""Tests for resclip_deploy/sfr.py: patch labels, connectivity and the SFR matrix (SPEC §5, §6).
+"""Tests for resclip_deploy/sfr.py: patch labels, connectivity, the SFR matrix
+(docs/method.md §5, §6).
 
 Parity cases come from tests/fixtures/parity (reference outputs of the official code; never edit).
 Independent checks use scipy.ndimage.label, plain-Python brute force, and torch (linspace only).
@@ -139,8 +140,8 @@ def test_reference_connectivity_not_symmetric_diagonal_true():
 
 
 def _brute_reference(grid: np.ndarray) -> np.ndarray:
-    """Per ordered pair, scalar float32 walk, written from SPEC §6 (t from the package's linspace,
-    checked against torch separately)."""
+    """Per ordered pair, scalar float32 walk, written from docs/method.md §6 (t from the
+    package's linspace, checked against torch separately)."""
     h, w = grid.shape
     n = h * w
     big_d = max(h, w) - 1
@@ -284,7 +285,7 @@ def test_sfr_matrix_rows_and_cls(connectivity):
 
 
 def _brute_sfr(grid: np.ndarray, std: float) -> np.ndarray:
-    """SPEC §6 with scipy components, written out with explicit loops (float64)."""
+    """docs/method.md §6 with scipy components, written out with explicit loops (float64)."""
     h, w = grid.shape
     n = h * w
     flat = grid.ravel()
@@ -394,7 +395,7 @@ def test_gaussian_kernel_std5_is_31():
                                         (30, 5.0, 31), (31, 5.0, 31), (1000, 5.0, 31),
                                         (100, 1.0, 7), (100, 0.5, 5), (100, 2.0, 13)])
 def test_gaussian_kernel_size_capped_and_odd(n, std, size):
-    # size = min(n, int(6 std + 1)), made odd by +1 (SPEC §6)
+    # size = min(n, int(6 std + 1)), made odd by +1 (docs/method.md §6)
     k = sfr.gaussian_kernel_1d(n, std)
     assert k.shape == (size,)
     assert size % 2 == 1

@@ -1,0 +1,85 @@
+"""The command-line tools' work as library calls: resclip-segment's segment_inputs and
+resclip-bench's benchmark (resclip-eval's run_evaluation: tests/test_eval.py)."""
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import FIXTURES, case_by_name
+from resclip_deploy.errors import UserError
+from resclip_deploy.io import read_image
+from resclip_deploy.runtime.segmenter import Segmenter
+from resclip_deploy.segment import Reporter, SegmentOptions, segment_inputs
+
+PHOTOS = [FIXTURES / "images" / "chelsea.png", FIXTURES / "images" / "astronaut.png"]
+
+
+class Recorder(Reporter):
+    def __init__(self):
+        self.events = []
+
+    def images_started(self, count):
+        self.events.append(("start", count))
+
+    def image_done(self, path, entry):
+        self.events.append(("image", path))
+
+    def failed(self, source, error):
+        self.events.append(("failed", source))
+
+
+def test_segment_inputs_writes_outputs_summary_and_reports(tiny_bundle, tmp_path):
+    seg = Segmenter.from_bundle(str(tiny_bundle), device="cpu")
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for p in PHOTOS:
+        (folder / p.name).write_bytes(p.read_bytes())
+    rec = Recorder()
+    run = segment_inputs(seg, [str(folder), str(broken)], str(tmp_path / "out"),
+                         SegmentOptions(save_probs=True), rec, bundle=str(tiny_bundle))
+    assert run.inputs == 3 and not run.interrupted
+    assert [f["input"] for f in run.failed] == [str(broken)]
+    assert rec.events == [("start", 3), ("image", str(folder / "astronaut.png")),
+                          ("image", str(folder / "chelsea.png")), ("failed", str(broken))]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary == json.loads(json.dumps(run.summary))
+    assert summary["settings"]["connectivity"] == "components"
+    for p in PHOTOS:
+        expected = seg.segment(read_image(str(p))).labels
+        png = cv2.imread(str(tmp_path / "out" / f"{p.stem}.png"), cv2.IMREAD_UNCHANGED)
+        np.testing.assert_array_equal(png, expected)
+        with np.load(tmp_path / "out" / f"{p.stem}.npz") as d:
+            assert d["probs"].shape == (2, *expected.shape)
+        assert (tmp_path / "out" / f"{p.stem}_overlay.jpg").is_file()
+
+
+def test_segment_inputs_refuses_videos_for_the_reference(tmp_path):
+    with pytest.raises(UserError, match="needs --bundle"):
+        segment_inputs(object(), ["clip.mp4"], str(tmp_path), pipeline="reference")
+
+
+def test_benchmark_reports_every_stage(tiny_bundle):
+    from resclip_deploy.bench import STAGES, benchmark, format_report
+    report = benchmark(str(tiny_bundle), size=(120, 160), runs=2, warmup=0, device="cpu",
+                       reference=False, sweep=True)
+    assert report["input_hw"] == [336, 448] and report["windows"] == 6
+    assert report["precision"] == "fp32"
+    assert set(report["runtime"]["stages_s"]) == set(STAGES)
+    assert all(v >= 0 for v in report["runtime"]["stages_s"].values())
+    assert [r["windows"] for r in report["sweep"]] == [1, 2, 4, 8]
+    text = format_report(report)
+    assert "encoder" in text and "8 window(s)" in text and "reference" not in text
+
+
+@pytest.mark.slow
+def test_benchmark_against_the_reference(bundle_for):
+    """The torch reference runs in a subprocess on the same image: labels agree."""
+    from resclip_deploy.bench import benchmark, format_report
+    bundle = bundle_for(case_by_name("voc20_chelsea_clip"))
+    report = benchmark(str(bundle), runs=1, warmup=0, device="cpu")
+    assert report["labels_agreement"] >= 0.995 and report["speedup"] > 0
+    assert "reference / runtime" in format_report(report)
