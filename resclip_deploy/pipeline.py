@@ -58,23 +58,38 @@ class SFRStep:
     bias: np.ndarray
 
 
+def sfr_schedule(windows: int, workers: int) -> tuple[int, int]:
+    """(windows in flight, PAMR row blocks per window) for ``windows`` windows on ``workers``
+    threads: every thread busy whatever the count.
+
+    As many windows as threads or more: one whole window per thread (fastest: no per-iteration
+    joins). Fewer (e.g. 6 windows on 16 cores, or one whole-image window): all windows at once,
+    each split into ⌈workers / windows⌉ row blocks.
+    """
+    if windows >= workers:
+        return workers, 1
+    return windows, -(-workers // windows)
+
+
 def sfr_step(prepass_logits: np.ndarray, windows: np.ndarray, params: ResCLIPParams,
              patch: int, workers: Optional[int] = None) -> SFRStep:
     """(K, Q, N) pre-pass logits, (K, 3, h, w) windows -> :class:`SFRStep`.
 
-    ``workers``: threads for PAMR (default: one per CPU core).
+    ``workers``: threads for PAMR (default: one per CPU core), scheduled by
+    :func:`sfr_schedule`.
     """
     k, q = prepass_logits.shape[:2]
     gh, gw = windows.shape[2] // patch, windows.shape[3] // patch
     grids = prepass_logits.reshape(k, q, gh, gw)
     workers = workers or max(1, os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        if k >= workers:    # windows in parallel: one whole window per thread is fastest
-            pre = list(pool.map(lambda i: prepass_probs(grids[i], windows[i],
-                                                        params.logit_scale, None, 1), range(k)))
-        else:               # fewer windows than cores: split each window's pixels
-            pre = [prepass_probs(grids[i], windows[i], params.logit_scale, pool, workers // k)
-                   for i in range(k)]
+    in_flight, blocks = sfr_schedule(k, workers)
+    # Windows run on their own threads, which only wait while their PAMR row blocks run on the
+    # shared pool: a window never waits for a pool thread held by another window (no deadlock).
+    with ThreadPoolExecutor(max_workers=workers) as rows, \
+            ThreadPoolExecutor(max_workers=in_flight) as outer:
+        pool = rows if blocks > 1 else None
+        pre = list(outer.map(lambda i: prepass_probs(grids[i], windows[i], params.logit_scale,
+                                                     pool, blocks), range(k)))
     argmax = np.stack([a for a, _ in pre])
     maxprob = np.stack([m for _, m in pre])
     labels = sfr.pixel_labels(argmax, maxprob, params.temp_thd)

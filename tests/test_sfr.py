@@ -400,3 +400,55 @@ def test_gaussian_kernel_size_capped_and_odd(n, std, size):
     assert k.shape == (size,)
     assert size % 2 == 1
     assert abs(float(k.sum()) - 1.0) < 1e-6
+
+
+# ---- SFR step scheduling ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("windows, workers, expected", [
+    (6, 16, (6, 3)), (1, 16, (1, 16)), (6, 2, (2, 1)), (16, 16, (16, 1)), (3, 4, (3, 2)),
+    (1, 1, (1, 1))])
+def test_sfr_schedule_keeps_every_thread_busy(windows, workers, expected):
+    from resclip_deploy.pipeline import sfr_schedule
+    in_flight, blocks = sfr_schedule(windows, workers)
+    assert (in_flight, blocks) == expected
+    assert in_flight * blocks >= min(workers, windows * workers)
+
+
+def test_fewer_windows_than_cores_run_at_once(monkeypatch):
+    """Six windows on 16 threads: all six in flight together, each PAMR split in 3 row blocks
+    (the old loop ran them one after another: two busy cores)."""
+    import threading
+    import time
+
+    from resclip_deploy import pipeline
+    from resclip_deploy.params import CUSTOM
+    active, peak, seen, lock = [0], [0], [], threading.Lock()
+
+    def fake(logits, image, logit_scale, pool, blocks):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+            seen.append((blocks, pool is not None))
+        time.sleep(0.2)
+        with lock:
+            active[0] -= 1
+        h, w = image.shape[1:]
+        return np.zeros((h, w), np.int64), np.ones((h, w), np.float32)
+    monkeypatch.setattr(pipeline, "prepass_probs", fake)
+    windows = np.zeros((6, 3, 64, 64), np.float32)
+    step = pipeline.sfr_step(np.zeros((6, 2, 16), np.float32), windows, CUSTOM, 16, workers=16)
+    assert peak[0] == 6 and seen == [(3, True)] * 6
+    assert step.bias.shape == (6, 17, 17)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_sfr_step_is_the_same_on_any_number_of_threads(k):
+    from resclip_deploy.pipeline import sfr_step
+    from resclip_deploy.params import CUSTOM
+    rng = np.random.default_rng(k)
+    logits = rng.normal(size=(k, 5, 16)).astype(np.float32) * 0.1
+    windows = rng.normal(size=(k, 3, 64, 64)).astype(np.float32)
+    one = sfr_step(logits, windows, CUSTOM, 16, workers=1)
+    many = sfr_step(logits, windows, CUSTOM, 16, workers=16)
+    for name in ("prepass_argmax", "prepass_maxprob", "grids", "matrices", "bias"):
+        np.testing.assert_array_equal(getattr(one, name), getattr(many, name))
