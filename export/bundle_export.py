@@ -31,7 +31,8 @@ from resclip_deploy.errors import UserError
 from resclip_deploy.io import current_umask, read_image
 from resclip_deploy.params import ResCLIPParams
 from resclip_deploy.pipeline import prepare
-from resclip_deploy.runtime.segmenter import Segmenter, create_session
+from resclip_deploy.runtime.providers import create_session
+from resclip_deploy.runtime.segmenter import Segmenter
 from resclip_deploy.vocab import Vocabulary
 
 from .clip_loader import LoadedCLIP

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, Optional
 
@@ -14,72 +15,19 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from resclip_deploy.bundle import TEXT_BANK_FILE, Bundle, read_bundle
+from resclip_deploy.bundle import TEXT_BANK_FILE, Bundle, graph_layout, read_bundle
 from resclip_deploy.errors import UserError
 from resclip_deploy.pipeline import SFRStep, Timings, segment_image, sfr_step
 from resclip_deploy.postprocess import Segmentation
 from resclip_deploy.vocab import Vocabulary
 
+from .providers import check_device_for_precision, create_session, device_of, gpu_options
 from .text import TextEncoder
 
 log = logging.getLogger("resclip_deploy")
 
-DEVICES = ("auto", "cpu", "cuda", "tensorrt")
-_PROVIDER_CHAINS = {
-    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
-    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
-    "cpu": ["CPUExecutionProvider"],
-}
-_GPU_LIBRARIES = {"TensorrtExecutionProvider": "TensorRT (libnvinfer) with CUDA and cuDNN",
-                  "CUDAExecutionProvider": "the CUDA runtime and cuDNN"}
 # Settings applied on CPU between or after the graphs; a run may change them.
 RUNTIME_SETTINGS = ("connectivity", "prob_thd", "temp_thd")
-
-
-def create_session(path: str, device: str, threads: Optional[int]) -> ort.InferenceSession:
-    """An ONNX Runtime session on ``device``; a requested GPU that does not bind is an error.
-
-    onnxruntime-gpu lists GPU providers without a GPU and silently runs on CPU, so the providers
-    that actually bound (``get_providers()``) decide. ``auto`` tries TensorRT, CUDA, then CPU.
-    """
-    if device not in DEVICES:
-        raise UserError(f"--device {device!r} is not known; choose one of {', '.join(DEVICES)}")
-    options = ort.SessionOptions()
-    # The CPU arena keeps every activation's peak reserved: ~0.5 GB more for ViT-B/16 and six
-    # windows, at no measured speed gain here (0.51 s vs 0.57 s per encoder run).
-    options.enable_cpu_mem_arena = False
-    # Idle ONNX Runtime threads spin by default, taking the cores from the SFR step that runs
-    # between the graphs (and, in the video engine, beside them): measured 0.70 -> 0.77 fps
-    # pipelined on the 2-core machine, single images unchanged.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if threads:
-        options.intra_op_num_threads = threads
-    available = ort.get_available_providers()
-    if device in ("cuda", "tensorrt"):
-        chain = _PROVIDER_CHAINS[device]
-        if chain[0] not in available:
-            raise UserError(f"--device {device}: this onnxruntime has no {chain[0]} (installed: "
-                            f"{', '.join(available)}); install onnxruntime-gpu, or use "
-                            "--device cpu")
-        session = _try_session(path, options, chain)
-        if session is None or session.get_providers()[0] != chain[0]:
-            bound = ", ".join(session.get_providers()) if session else "none"
-            raise UserError(f"--device {device}: {chain[0]} did not start (bound: {bound}); it "
-                            f"needs {_GPU_LIBRARIES[chain[0]]} and a visible GPU; or use "
-                            "--device cpu")
-        return session
-    if device == "auto":
-        for name in ("tensorrt", "cuda"):
-            first = _PROVIDER_CHAINS[name][0]
-            if first in available:
-                session = _try_session(path, options, [first, "CPUExecutionProvider"])
-                if session is not None and session.get_providers()[0] == first:
-                    return session
-        gpu = [p for p in available if p in _GPU_LIBRARIES]
-        if gpu:
-            log.warning("no GPU in use: %s installed but did not start (no GPU, or missing "
-                        "CUDA/cuDNN/TensorRT libraries); running on CPU", ", ".join(gpu))
-    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
 def load_text_bank(bundle: Bundle) -> np.ndarray:
@@ -96,24 +44,6 @@ def load_text_bank(bundle: Bundle) -> np.ndarray:
                         f"{bank.shape}, not float32 {want} (queries x embedding); export the "
                         "bundle again")
     return bank
-
-
-def _device_of(session: ort.InferenceSession) -> str:
-    first = session.get_providers()[0]
-    return next(name for name, chain in _PROVIDER_CHAINS.items() if chain[0] == first)
-
-
-def _try_session(path: str, options: ort.SessionOptions,
-                 providers: list[str]) -> Optional[ort.InferenceSession]:
-    """A session with ``providers``, or None; ORT's own provider-load chatter is silenced (the
-    caller reports in its words)."""
-    ort.set_default_logger_severity(4)
-    try:
-        return ort.InferenceSession(path, options, providers=providers, enable_fallback=0)
-    except (RuntimeError, ValueError):
-        return None
-    finally:
-        ort.set_default_logger_severity(2)
 
 
 class Segmenter:
@@ -138,11 +68,14 @@ class Segmenter:
 
     @classmethod
     def from_bundle(cls, path: str, device: str = "auto", threads: Optional[int] = None,
-                    classes: Optional[Vocabulary] = None, **overrides: Any) -> "Segmenter":
+                    classes: Optional[Vocabulary] = None, cache_dir: Optional[str] = None,
+                    **overrides: Any) -> "Segmenter":
         """``classes``: a new vocabulary (needs a bundle exported with --text-encoder).
+        ``cache_dir``: TensorRT engine and timing caches (default: providers.default_cache_dir).
         ``overrides``: runtime-side settings (connectivity, prob_thd, temp_thd); None = keep."""
         bundle = read_bundle(path)
         manifest = bundle.manifest
+        device = check_device_for_precision(device, manifest.precision)
         if classes is not None and manifest.text_encoder is None:
             raise UserError(f"bundle {path} has a fixed vocabulary; to choose classes at run "
                             "time re-export it with resclip-export --text-encoder")
@@ -151,10 +84,14 @@ class Segmenter:
         # the graph), then every other graph goes straight to the provider that bound.
         graphs = sorted(manifest.graphs, key=lambda g: manifest.files[manifest.graphs[g].file]
                         .bytes)
+        layout = graph_layout(manifest.params, manifest.text_input)
         for name in graphs:
-            sessions[name] = create_session(bundle.graph_file(name), device, threads)
+            entry = manifest.graphs[name]
+            gpu = gpu_options(manifest, layout[name].inputs, manifest.files[entry.file].sha256,
+                              cache_dir)
+            sessions[name] = create_session(bundle.graph_file(name), device, threads, gpu)
             bundle.check_session(name, sessions[name])
-            device = _device_of(sessions[name])
+            device = device_of(sessions[name])
         for name, session in sessions.items():
             log.info("%s graph on %s", name, ", ".join(session.get_providers()))
         text = None
@@ -162,7 +99,10 @@ class Segmenter:
             text = load_text_bank(bundle)
         if classes is not None:
             spec = manifest.text_encoder
-            session = create_session(bundle.file(spec.graph), device, threads)
+            # The text tower is an fp32 graph in every bundle: no fp16 engine for it.
+            gpu = gpu_options(manifest, (), manifest.files[spec.graph].sha256, cache_dir)
+            session = create_session(bundle.file(spec.graph), device, threads,
+                                     dataclasses.replace(gpu, fp16=False))
             bundle.check_session("text_encoder", session)
             encoder = TextEncoder(Tokenizer.from_file(bundle.file(spec.tokenizer)), session, spec)
             text = encoder.bank(classes.queries)

@@ -1,0 +1,156 @@
+"""GPU provider setup, built and checked without a GPU: TensorRT with CUDA behind it, fp16
+engines for fp16 bundles, engine/timing caches, optimisation profiles from the bundle's
+settings, CUDA options that keep fp32 parity, int8 bundles kept off GPUs."""
+
+import json
+import shutil
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from resclip_deploy import geometry
+from resclip_deploy.bundle import read_bundle
+from resclip_deploy.errors import UserError
+from resclip_deploy.runtime import providers
+from resclip_deploy.runtime.providers import (CPU, CUDA, TRT, GpuOptions, profile_shapes,
+                                              provider_options)
+
+
+def test_tensorrt_options():
+    gpu = GpuOptions(fp16=True, cache_dir="/c/abc",
+                     profiles={"pixels": ((1, 3, 224, 224), (6, 3, 224, 224), (40, 3, 224, 224)),
+                               "text": ((1, 64), (3, 64), (256, 64))})
+    assert provider_options(TRT, gpu) == {
+        "trt_fp16_enable": "1", "trt_max_workspace_size": str(4 << 30),
+        "trt_engine_cache_enable": "1", "trt_engine_cache_path": "/c/abc",
+        "trt_timing_cache_enable": "1", "trt_timing_cache_path": "/c/abc",
+        "trt_profile_min_shapes": "pixels:1x3x224x224,text:1x64",
+        "trt_profile_opt_shapes": "pixels:6x3x224x224,text:3x64",
+        "trt_profile_max_shapes": "pixels:40x3x224x224,text:256x64"}
+    assert provider_options(TRT, GpuOptions())["trt_fp16_enable"] == "0"
+
+
+def test_cuda_keeps_fp32_parity_and_does_not_search_per_shape():
+    assert provider_options(CUDA, GpuOptions()) == {"use_tf32": "0",
+                                                   "cudnn_conv_algo_search": "HEURISTIC"}
+    assert provider_options(CUDA, GpuOptions(fp16=True))["use_tf32"] == "1"
+    assert provider_options(CPU, GpuOptions(fp16=True)) == {}
+
+
+def test_slide_profiles_from_the_bundle_settings(tiny_bundle):
+    m = read_bundle(str(tiny_bundle)).manifest          # patch 32, width 128, 2 heads, 3 queries
+    shapes = profile_shapes(m, ("pixels", "tokens", "rcs", "window", "sfr_bias", "text"))
+    # 336x448 has 2x3 windows; the most per run: four 336x597 frames (2x5 each) = 40
+    assert shapes["pixels"] == ((1, 3, 32, 32), (6, 3, 224, 224), (40, 3, 224, 224))
+    assert shapes["tokens"] == ((1, 2, 128), (6, 50, 128), (40, 50, 128))
+    assert shapes["rcs"] == ((1, 2, 2, 2), (6, 2, 50, 50), (40, 2, 50, 50))
+    assert shapes["window"] == ((2, 2), (50, 50), (50, 50))
+    assert shapes["text"] == ((1, 64), (3, 64), (256, 64))
+
+
+def covered(shape, profile):
+    low, _, high = profile
+    return all(a <= s <= b for s, a, b in zip(shape, low, high))
+
+
+@pytest.mark.parametrize("mode", ["slide", "whole"])
+def test_profiles_cover_every_image_shape(tiny_bundle, mode):
+    """Windows of images of any size and aspect ratio fall inside the profile, so TensorRT never
+    rebuilds an engine for a new image."""
+    m = read_bundle(str(tiny_bundle)).manifest
+    m = m.replace(params=m.params.replace(mode=mode))
+    shapes = profile_shapes(m, ("pixels", "tokens", "rcs"))
+    rng = np.random.default_rng(0)
+    sizes = [(300, 451), (1080, 1920), (1920, 1080), (50, 4000), (4000, 50), (224, 224)] + [
+        tuple(rng.integers(40, 5000, size=2)) for _ in range(200)]
+    p = m.params
+    for h0, w0 in sizes:
+        h, w = geometry.keep_ratio_size(h0, w0, p.short_side, p.long_side_max)
+        if min(h, w) < m.model.patch:
+            continue                       # refused before any graph runs
+        boxes = geometry.window_boxes(h, w, p.mode, p.crop, p.stride)
+        y1, y2, x1, x2 = boxes[0]
+        t = 1 + ((y2 - y1) // m.model.patch) * ((x2 - x1) // m.model.patch)
+        assert covered((len(boxes), 3, y2 - y1, x2 - x1), shapes["pixels"]), (h0, w0)
+        assert covered((len(boxes), t, m.model.width), shapes["tokens"]), (h0, w0)
+        assert covered((len(boxes), m.model.heads, t, t), shapes["rcs"]), (h0, w0)
+
+
+REAL_SESSION = ort.InferenceSession
+
+
+class FakeGpuSession:
+    """A real CPU session that reports the providers it was asked for, as if they bound."""
+
+    requested = []
+
+    def __init__(self, path, options, providers, **kwargs):
+        self.requested.append((path, providers))
+        self._real = REAL_SESSION(path, options, providers=[CPU])
+        self._names = [p if isinstance(p, str) else p[0] for p in providers]
+
+    def get_providers(self):
+        return self._names
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+def test_tensorrt_sessions_get_cuda_behind_them_and_their_options(tiny_bundle, tmp_path,
+                                                                  monkeypatch):
+    from resclip_deploy.runtime.segmenter import Segmenter
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [TRT, CUDA, CPU])
+    monkeypatch.setattr(providers.ort, "InferenceSession", FakeGpuSession)
+    FakeGpuSession.requested = []
+    seg = Segmenter.from_bundle(str(tiny_bundle), device="tensorrt", cache_dir=str(tmp_path))
+    manifest = seg.bundle.manifest
+    assert len(FakeGpuSession.requested) == 2
+    for path, chain in FakeGpuSession.requested:
+        name = next(g for g, e in manifest.graphs.items() if path.endswith(e.file))
+        assert [p for p, _ in chain] == [TRT, CUDA, CPU]
+        trt, cuda = dict(chain[0][1]), dict(chain[1][1])
+        folder = tmp_path / manifest.files[manifest.graphs[name].file].sha256[:16]
+        assert trt["trt_engine_cache_path"] == str(folder) and folder.is_dir()
+        assert trt["trt_fp16_enable"] == "0" and cuda["use_tf32"] == "0"
+        first = "pixels" if name == "encoder" else "tokens"
+        assert trt["trt_profile_max_shapes"].startswith(f"{first}:40x")
+    assert seg.device_type == "cuda"
+
+
+def test_auto_puts_cuda_behind_tensorrt(tiny_bundle, tmp_path, monkeypatch):
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [TRT, CUDA, CPU])
+    monkeypatch.setattr(providers.ort, "InferenceSession", FakeGpuSession)
+    FakeGpuSession.requested = []
+    path = str(tiny_bundle / "head.onnx")
+    session = providers.create_session(path, "auto", None, GpuOptions(cache_dir=str(tmp_path)))
+    assert session.get_providers() == [TRT, CUDA, CPU]
+
+
+@pytest.fixture
+def int8_labelled(tiny_bundle, tmp_path):
+    """The tiny bundle with its manifest saying int8 (the precision check reads only that)."""
+    out = tmp_path / "b"
+    shutil.copytree(tiny_bundle, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["precision"] = "int8"
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+@pytest.mark.parametrize("device", ["cuda", "tensorrt"])
+def test_int8_bundles_are_refused_on_a_gpu(int8_labelled, device):
+    from resclip_deploy.runtime.segmenter import Segmenter
+    with pytest.raises(UserError, match="int8 bundle runs on CPUs only.*--precision fp16"):
+        Segmenter.from_bundle(str(int8_labelled), device=device)
+
+
+def test_int8_bundles_stay_on_the_cpu_with_auto(int8_labelled, monkeypatch):
+    from resclip_deploy.runtime.segmenter import Segmenter
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [TRT, CUDA, CPU])
+    monkeypatch.setattr(providers.ort, "InferenceSession", FakeGpuSession)
+    FakeGpuSession.requested = []
+    seg = Segmenter.from_bundle(str(int8_labelled), device="auto")
+    assert seg.device_type == "cpu"
+    assert all([p if isinstance(p, str) else p[0] for p in chain] == [CPU]
+               for _, chain in FakeGpuSession.requested)
