@@ -1,0 +1,161 @@
+"""The device check: on a GPU machine, what the GPU providers compute and how fast.
+
+Makes random ViT-B/16 weights there (no download), exports fp32 and fp16 bundles for ADE20K
+(slide, 336x448: six windows) and VOC20 (whole image), checks CUDA (and TensorRT where its
+libraries load) against the CPU provider's fp32 labels, and times images per stage and a
+synthetic video (frames/s after a warm-up). Ends with one JSON line on stdout.
+
+    python -m resclip_deploy.export.device_check [--cpu-only] [--tiny] [--frames 60] [-o out.json]
+
+``--cpu-only`` skips the GPU providers (how the tests run it); ``--tiny`` uses a 4-block model
+and two-class vocabularies (seconds instead of minutes). scripts/device_check.sh runs it on a
+device machine with carried wheels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Optional
+
+import numpy as np
+import onnxruntime as ort
+import open_clip
+import torch
+
+from resclip_deploy.bench import bench_photo, time_runtime, time_video
+from resclip_deploy.params import preset_params
+from resclip_deploy.runtime.providers import CUDA, TRT
+from resclip_deploy.runtime.segmenter import Segmenter
+from resclip_deploy.vocab import parse_class_list, preset_vocabulary
+
+from .bundle_export import export_bundle
+from .clip_loader import LoadedCLIP
+
+# (name, preset, image size): the two configurations the GPU figures are reported for.
+CASES = (("ade20k", "ade20k", (336, 448)), ("voc20", "voc20", None))
+TINY_CFG = {"embed_dim": 64,
+            "vision_cfg": {"image_size": 224, "layers": 4, "width": 128, "patch_size": 16},
+            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 1,
+                         "layers": 2}, "quick_gelu": True}
+
+
+def random_clip(tiny: bool) -> LoadedCLIP:
+    """Random-weight CLIP made here: ViT-B/16 (QuickGELU, OpenAI's shape) or a tiny one."""
+    torch.manual_seed(0)
+    if tiny:
+        model = open_clip.CLIP(**TINY_CFG)
+        tokenizer = open_clip.SimpleTokenizer()
+    else:
+        model = open_clip.create_model("ViT-B-16-quickgelu", pretrained=None)
+        tokenizer = open_clip.get_tokenizer("ViT-B-16-quickgelu")
+    return LoadedCLIP(model.float().eval(), tokenizer,
+                      {"model": "random ViT-B-16-quickgelu" if not tiny else "random tiny"})
+
+
+def gpu_memory_mb() -> Optional[float]:
+    """Used GPU memory as nvidia-smi reports it (ONNX Runtime's allocations included)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used",
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True,
+                             timeout=20)
+        return float(out.stdout.split()[0]) if out.returncode == 0 else None
+    except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+        return None
+
+
+def devices(cpu_only: bool) -> list[str]:
+    available = ort.get_available_providers()
+    found = [] if cpu_only else [d for d, p in (("cuda", CUDA), ("tensorrt", TRT))
+                                 if p in available]
+    return ["cpu", *found]
+
+
+def check_one(bundle: str, device: str, rgb: np.ndarray, truth: Optional[Any], runs: int,
+              frames: int) -> tuple[dict[str, Any], Optional[Any]]:
+    """One bundle on one provider -> (its entry, its segmentation of ``rgb``): labels and
+    probabilities against the CPU fp32 ``truth``, seconds per stage, video frames/s, GPU
+    memory."""
+    try:
+        seg = Segmenter.from_bundle(bundle, device=device)
+    except Exception as e:  # a provider that does not start is a result, not a crash
+        return {"device": device, "error": " ".join(str(e).split())[:300]}, None
+    start = time.perf_counter()
+    first = seg.segment(rgb)
+    entry: dict[str, Any] = {"device": device, "providers": seg.providers,
+                             "first_image_s": round(time.perf_counter() - start, 3)}
+    timed = time_runtime(seg, rgb, runs, warmup=1)
+    entry.update(image_s=round(timed["total_s"], 4),
+                 stages_s={k: round(v, 4) for k, v in timed["stages_s"].items()})
+    if truth is not None:
+        entry["labels_vs_cpu_fp32"] = float((first.labels == truth.labels).mean())
+        entry["probs_max_abs_diff_vs_cpu_fp32"] = float(np.abs(first.probs - truth.probs).max())
+    if frames:
+        video = time_video(seg, rgb, frames, None)
+        entry["video"] = {k: video[k] for k in ("frames", "frames_per_batch", "sequential_fps",
+                                                "pipelined_fps", "labels_identical")}
+    entry["gpu_memory_mb"] = gpu_memory_mb() if device != "cpu" else None
+    return entry, first
+
+
+def run(cpu_only: bool, tiny: bool, frames: int, runs: int, workdir: str,
+        only: Optional[list[str]] = None) -> dict[str, Any]:
+    clip = random_clip(tiny)
+    report: dict[str, Any] = {"ort_version": ort.__version__,
+                              "available_providers": ort.get_available_providers(),
+                              "torch_cuda": torch.cuda.is_available(), "tiny": tiny,
+                              "cases": []}
+    for name, preset, size in CASES:
+        if only and name not in only:
+            continue
+        vocab = parse_class_list("cat|kitten,sofa") if tiny else preset_vocabulary(preset)
+        rgb = bench_photo(size)
+        truth = None
+        for precision in ("fp32", "fp16"):
+            folder = os.path.join(workdir, f"{name}-{precision}")
+            start = time.perf_counter()
+            manifest = export_bundle(clip, vocab, preset_params(preset), folder,
+                                     precision=precision)
+            case = {"case": name, "precision": precision, "image_hw": list(rgb.shape[:2]),
+                    "export_s": round(time.perf_counter() - start, 1),
+                    "verification": {k: manifest.verification[k] for k in
+                                     ("labels_agreement", "probs_max_abs_diff")},
+                    "runs": []}
+            for device in devices(cpu_only):
+                # Video on the CPU only for the tiny model: ViT-B/16 frames take a second each.
+                video = frames if device != "cpu" or tiny else 0
+                entry, result = check_one(folder, device, rgb, truth, runs, video)
+                if truth is None:                   # CPU fp32 is the reference of the rest
+                    truth = result
+                case["runs"].append(entry)
+            report["cases"].append(case)
+    return report
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cpu-only", action="store_true", help="skip the GPU providers")
+    parser.add_argument("--tiny", action="store_true", help="a 4-block model, two classes")
+    parser.add_argument("--frames", type=int, default=60, help="video frames per run (0: none)")
+    parser.add_argument("--runs", type=int, default=5, help="timed images per run")
+    parser.add_argument("--case", action="append", choices=[c[0] for c in CASES],
+                        help="only this case (repeatable; default: all)")
+    parser.add_argument("-o", "--output", default=None, help="also write the JSON here")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="resclip-device-check-") as workdir:
+        report = run(args.cpu_only, args.tiny, args.frames, args.runs, workdir, args.case)
+    line = json.dumps(report, default=float)
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write(line + "\n")
+    print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
