@@ -46,14 +46,20 @@ def peak_rss_mb() -> float:
 def time_runtime(segmenter: Any, rgb: np.ndarray, runs: int, warmup: int) -> dict[str, Any]:
     for _ in range(warmup):
         segmenter.segment(rgb, with_probs=False)
-    totals, stages = [], []
+    totals, stages, host, io = [], [], [], None
     for _ in range(runs):
+        segmenter.io = type(segmenter.io)()
         start = time.perf_counter()
         out = segmenter.segment(rgb, with_probs=False)
         totals.append(time.perf_counter() - start)
         stages.append(out.timings)
+        io = segmenter.io
+        host.append(totals[-1] - io.graph_s)
     return {"total_s": statistics.median(totals),
             "stages_s": {k: statistics.median(s.get(k, 0.0) for s in stages) for k in STAGES},
+            # Critical path outside graph runs (decode/encode of files excluded: not timed here)
+            "host_s": statistics.median(host),
+            "graph_runs": io.runs, "bytes_to_device": io.to_device, "bytes_to_host": io.to_host,
             "labels": out.labels}
 
 
@@ -91,6 +97,31 @@ def time_reference(bundle: str, rgb: np.ndarray, runs: int) -> dict[str, Any]:
         out = json.loads(result.stdout.strip().splitlines()[-1])
         out["labels"] = np.load(labels)
     return out
+
+
+# HBM bandwidth of an H200-class GPU: graph traffic / this = the time it implies, unfused.
+GPU_BYTES_PER_S = 4e12
+
+
+def graph_traffic(bundle_dir: str, rgb: np.ndarray, device: str,
+                  threads: Optional[int]) -> dict[str, Any]:
+    """Bytes written by the graphs' node outputs for one image (ONNX Runtime's profile): the
+    proxy for GPU memory traffic without fusion, and the time it implies at 4 TB/s."""
+    from .runtime.segmenter import Segmenter
+    with tempfile.TemporaryDirectory() as tmp:
+        seg = Segmenter.from_bundle(bundle_dir, device=device, threads=threads, profile_dir=tmp)
+        seg.segment(rgb, with_probs=False)
+        per_graph = {}
+        for name, session in seg.sessions.items():
+            with open(session.end_profiling(), encoding="utf-8") as f:
+                events = json.load(f)
+            per_graph[name] = sum(int(e["args"].get("output_size", 0)) for e in events
+                                  if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"))
+    total = sum(per_graph.values())
+    return {"node_output_bytes": per_graph, "total_bytes": total,
+            "implied_gpu_ms": 1e3 * total / GPU_BYTES_PER_S,
+            # PAMR is not a graph yet: its traffic is the CPU's, not counted here.
+            "pamr_bytes": None}
 
 
 def synthetic_video(rgb: np.ndarray, frames: int) -> Iterator[np.ndarray]:
@@ -156,7 +187,7 @@ def benchmark(bundle_dir: str, image: Optional[str] = None,
               size: Optional[tuple[int, int]] = None, runs: int = 5, warmup: int = 1,
               device: str = "auto", threads: Optional[int] = None, reference: bool = True,
               reference_runs: int = 1, sweep: bool = False, video_frames: Optional[int] = None,
-              frames_per_batch: Optional[int] = None) -> dict[str, Any]:
+              frames_per_batch: Optional[int] = None, traffic: bool = False) -> dict[str, Any]:
     """``resclip-bench``: time a bundle per stage (and optionally the torch reference on the
     same image, 1/2/4/8 windows, a synthetic video) -> the report :func:`format_report` shows.
 
@@ -180,7 +211,9 @@ def benchmark(bundle_dir: str, image: Optional[str] = None,
         "precision": segmenter.bundle.manifest.precision,
         "providers": segmenter.providers, "runs": runs,
         "runtime": {"total_s": ours["total_s"], "stages_s": ours["stages_s"],
-                    "peak_rss_mb": peak_rss_mb()}}
+                    "peak_rss_mb": peak_rss_mb(),
+                    **{k: ours[k] for k in ("host_s", "graph_runs", "bytes_to_device",
+                                            "bytes_to_host")}}}
     if sweep:
         report["sweep"] = window_sweep(segmenter, rgb, (1, 2, 4, 8), max(1, runs // 2))
     if reference:
@@ -190,6 +223,8 @@ def benchmark(bundle_dir: str, image: Optional[str] = None,
         report["labels_agreement"] = float((ref["labels"] == ours["labels"]).mean())
     if video_frames:
         report["video"] = time_video(segmenter, rgb, video_frames, frames_per_batch)
+    if traffic:
+        report["traffic"] = graph_traffic(bundle_dir, rgb, device, threads)
     return report
 
 
@@ -214,12 +249,22 @@ def format_report(report: dict[str, Any]) -> str:
              f"{report['input_hw'][1]} input, {report['windows']} window(s), "
              f"{report['queries']} queries, {report['precision']}, "
              f"{', '.join(report['providers'][first])}", table(rows)]
+    lines.append(f"host time outside graph runs: {ours['host_s']:.3f} s per image; "
+                 f"{ours['graph_runs']} graph runs; host <-> device in the GPU configuration: "
+                 f"{ours['bytes_to_device'] / 1e6:.2f} MB up, {ours['bytes_to_host'] / 1e6:.2f} "
+                 "MB down")
     if ref:
         lines.append(f"reference / runtime: {report['speedup']:.1f}x faster; labels agree "
                      f"{100 * report['labels_agreement']:.2f} %")
     for row in report.get("sweep", []):
         lines.append(f"{row['windows']} window(s): {row['seconds']:.3f} s "
                      f"({row['seconds_per_window']:.3f} s/window)")
+    t = report.get("traffic")
+    if t:
+        per = ", ".join(f"{k} {v / 1e6:.0f} MB" for k, v in t["node_output_bytes"].items())
+        lines.append(f"graph node outputs per image: {t['total_bytes'] / 1e6:.0f} MB ({per}); "
+                     f"{t['implied_gpu_ms']:.2f} ms at 4 TB/s unfused; PAMR: on the CPU, not in "
+                     "the graphs")
     v = report.get("video")
     if v:
         lines.append(f"video, {v['frames']} frames: frame by frame {v['sequential_fps']:.2f} "
@@ -246,16 +291,20 @@ def format_report(report: dict[str, Any]) -> str:
                    "frame by frame.")
 @click.option("--frames-per-batch", type=int, default=None,
               help="Video: frames per graph run (default: 1 on CPU, 4 on GPU).")
+@click.option("--traffic", is_flag=True,
+              help="Also profile one image: bytes written by graph node outputs (the GPU "
+                   "memory traffic they imply, unfused).")
 @click.option("--json", "json_out", default=None, help="Write the results as JSON here.")
 @user_errors
 def bench_main(bundle_dir: str, image: Optional[str], size: Optional[str], runs: int,
                warmup: int, device: str, threads: Optional[int], reference: bool,
                reference_runs: int, sweep: bool, video_frames: Optional[int],
-               frames_per_batch: Optional[int], json_out: Optional[str]) -> None:
-    """Time a bundle per stage against the torch reference; report peak memory."""
+               frames_per_batch: Optional[int], traffic: bool, json_out: Optional[str]) -> None:
+    """Time a bundle per stage against the torch reference; report peak memory, host time
+    outside graph runs and host <-> device bytes."""
     _setup_logging(quiet=True)
     report = benchmark(bundle_dir, image, _size(size), runs, warmup, device, threads, reference,
-                       reference_runs, sweep, video_frames, frames_per_batch)
+                       reference_runs, sweep, video_frames, frames_per_batch, traffic)
     click.echo(format_report(report))
     if json_out:
         write_json(json_out, report)

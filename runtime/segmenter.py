@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import time
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
@@ -25,6 +28,18 @@ from .providers import check_device_for_precision, create_session, device_of, gp
 from .text import TextEncoder
 
 log = logging.getLogger("resclip_deploy")
+
+@dataclass
+class IOStats:
+    """What the graph runs cost outside compute: seconds inside ONNX Runtime, and the bytes that
+    cross between host and device in the GPU configuration (on a CPU session, what would cross
+    there: inputs and fetched outputs, not what a GPU keeps between graphs)."""
+
+    graph_s: float = 0.0
+    to_device: int = 0
+    to_host: int = 0
+    runs: int = 0
+
 
 # Settings applied on CPU between or after the graphs; a run may change them.
 RUNTIME_SETTINGS = ("connectivity", "prob_thd", "temp_thd")
@@ -65,13 +80,17 @@ class Segmenter:
         self.vocab = manifest.vocabulary
         self.patch = manifest.model.patch
         self.norm = manifest.preprocess.norm
+        self.io = IOStats()
+        self._resident: set[int] = set()
+        self._text_device: Any = None
 
     @classmethod
     def from_bundle(cls, path: str, device: str = "auto", threads: Optional[int] = None,
                     classes: Optional[Vocabulary] = None, cache_dir: Optional[str] = None,
-                    **overrides: Any) -> "Segmenter":
+                    profile_dir: Optional[str] = None, **overrides: Any) -> "Segmenter":
         """``classes``: a new vocabulary (needs a bundle exported with --text-encoder).
         ``cache_dir``: TensorRT engine and timing caches (default: providers.default_cache_dir).
+        ``profile_dir``: ONNX Runtime profiles of the graph sessions go there.
         ``overrides``: runtime-side settings (connectivity, prob_thd, temp_thd); None = keep."""
         bundle = read_bundle(path)
         manifest = bundle.manifest
@@ -89,7 +108,9 @@ class Segmenter:
             entry = manifest.graphs[name]
             gpu = gpu_options(manifest, layout[name].inputs, manifest.files[entry.file].sha256,
                               cache_dir)
-            sessions[name] = create_session(bundle.graph_file(name), device, threads, gpu)
+            prefix = os.path.join(profile_dir, name) if profile_dir else None
+            sessions[name] = create_session(bundle.graph_file(name), device, threads, gpu,
+                                            prefix)
             bundle.check_session(name, sessions[name])
             device = device_of(sessions[name])
         for name, session in sessions.items():
@@ -126,24 +147,44 @@ class Segmenter:
         """
         session = self.sessions[graph]
         if self.text is not None:
-            feeds = {**feeds, "text": self.text}
+            feeds = {**feeds, "text": self._text_value()}
         binding = session.io_binding()
+        device = self.device_type
         for arg in session.get_inputs():
             value = feeds[arg.name]
             if isinstance(value, ort.OrtValue):
                 binding.bind_ortvalue_input(arg.name, value)
-            else:
-                binding.bind_cpu_input(arg.name, np.ascontiguousarray(value))
+                continue
+            value = np.ascontiguousarray(value)
+            if arg.name != "text" and id(feeds[arg.name]) not in self._resident:
+                self.io.to_device += value.nbytes
+            binding.bind_cpu_input(arg.name, value)
         names = [o.name for o in session.get_outputs()]
-        device = self.device_type
         for name in names:
             if name in keep_on_device and device != "cpu":
                 binding.bind_output(name, device)
             else:
                 binding.bind_output(name)
+        start = time.perf_counter()
         session.run_with_iobinding(binding)
-        return {name: value if name in keep_on_device and device != "cpu" else value.numpy()
-                for name, value in zip(names, binding.get_outputs())}
+        self.io.graph_s += time.perf_counter() - start
+        self.io.runs += 1
+        out = {name: value if name in keep_on_device and device != "cpu" else value.numpy()
+               for name, value in zip(names, binding.get_outputs())}
+        # What stays on a GPU is not a transfer; on a CPU session the same arrays are marked so
+        # that the next graph does not count them as uploads either.
+        self._resident = {id(out[n]) for n in keep_on_device if n in out}
+        self.io.to_host += sum(v.nbytes for n, v in out.items() if n not in keep_on_device)
+        return out
+
+    def _text_value(self) -> Any:
+        """The text bank, uploaded to the GPU once (numpy on a CPU session; its bytes are
+        counted once there too)."""
+        if self._text_device is None:
+            self.io.to_device += self.text.nbytes
+            self._text_device = self.text if self.device_type == "cpu" else \
+                ort.OrtValue.ortvalue_from_numpy(self.text, self.device_type, 0)
+        return self._text_device
 
     def forward_windows(self, windows: np.ndarray, times: Optional[Timings] = None,
                         ) -> tuple[np.ndarray, Optional[SFRStep]]:

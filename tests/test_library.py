@@ -65,14 +65,28 @@ def test_segment_inputs_refuses_videos_for_the_reference(tmp_path):
 def test_benchmark_reports_every_stage(tiny_bundle):
     from resclip_deploy.bench import STAGES, benchmark, format_report
     report = benchmark(str(tiny_bundle), size=(120, 160), runs=2, warmup=0, device="cpu",
-                       reference=False, sweep=True)
+                       reference=False, sweep=True, traffic=True)
     assert report["input_hw"] == [336, 448] and report["windows"] == 6
     assert report["precision"] == "fp32"
     assert set(report["runtime"]["stages_s"]) == set(STAGES)
     assert all(v >= 0 for v in report["runtime"]["stages_s"].values())
     assert [r["windows"] for r in report["sweep"]] == [1, 2, 4, 8]
+    ours = report["runtime"]
+    assert 0 < ours["host_s"] < ours["total_s"] and ours["graph_runs"] == 2
+    # up: 6 windows of 3x224x224 float32 pixels and the 6 SFR matrices (50x50 float32); the
+    # text bank went up with the first image only. down: the pre-pass and final logits,
+    # 6 x 3 queries x 49 patches each. Tokens, RCS map and window stay between the graphs.
+    assert ours["bytes_to_device"] == 6 * 3 * 224 * 224 * 4 + 6 * 50 * 50 * 4
+    assert ours["bytes_to_host"] == 2 * 6 * 3 * 49 * 4
     text = format_report(report)
     assert "encoder" in text and "8 window(s)" in text and "reference" not in text
+    assert "host time outside graph runs" in text
+    traffic = report["traffic"]
+    # at least every graph output is a node output: the final logits alone are 6x3x49 floats
+    assert set(traffic["node_output_bytes"]) == {"encoder", "head"}
+    assert traffic["node_output_bytes"]["head"] > 6 * 3 * 49 * 4
+    assert traffic["implied_gpu_ms"] == pytest.approx(1e3 * traffic["total_bytes"] / 4e12)
+    assert "graph node outputs per image" in text
 
 
 @pytest.mark.slow
@@ -83,3 +97,15 @@ def test_benchmark_against_the_reference(bundle_for):
     report = benchmark(str(bundle), runs=1, warmup=0, device="cpu")
     assert report["labels_agreement"] >= 0.995 and report["speedup"] > 0
     assert "reference / runtime" in format_report(report)
+
+
+def test_the_text_bank_goes_up_once(tiny_bundle):
+    """A --text-encoder bundle's bank is a graph input: counted (uploaded) with the first
+    image only."""
+    seg = Segmenter.from_bundle(str(tiny_bundle), device="cpu")
+    rgb = read_image(str(PHOTOS[0]))
+    seg.segment(rgb, with_probs=False)
+    first = seg.io.to_device
+    seg.io = type(seg.io)()
+    seg.segment(rgb, with_probs=False)
+    assert first - seg.io.to_device == seg.text.nbytes == 3 * 64 * 4
