@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -41,6 +43,8 @@ class IOStats:
     runs: int = 0
 
 
+# Encoder outputs the head takes: kept on the GPU between the two graphs.
+DEVICE_RESIDENT = ("tokens", "rcs", "window")
 # Settings applied on CPU between or after the graphs; a run may change them.
 RUNTIME_SETTINGS = ("connectivity", "prob_thd", "temp_thd")
 
@@ -81,7 +85,10 @@ class Segmenter:
         self.patch = manifest.model.patch
         self.norm = manifest.preprocess.norm
         self.io = IOStats()
-        self._resident: set[int] = set()
+        # Arrays a CPU session hands from one graph to the next (a GPU keeps them), by id; weak,
+        # so that a freed array's id cannot be mistaken for a later one.
+        self._resident: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+        self._lock = threading.Lock()
         self._text_device: Any = None
 
     @classmethod
@@ -155,10 +162,9 @@ class Segmenter:
             if isinstance(value, ort.OrtValue):
                 binding.bind_ortvalue_input(arg.name, value)
                 continue
-            value = np.ascontiguousarray(value)
-            if arg.name != "text" and id(feeds[arg.name]) not in self._resident:
-                self.io.to_device += value.nbytes
-            binding.bind_cpu_input(arg.name, value)
+            if arg.name != "text" and not self._is_resident(value):
+                self._count(to_device=np.asarray(value).nbytes)
+            binding.bind_cpu_input(arg.name, np.ascontiguousarray(value))
         names = [o.name for o in session.get_outputs()]
         for name in names:
             if name in keep_on_device and device != "cpu":
@@ -167,21 +173,33 @@ class Segmenter:
                 binding.bind_output(name)
         start = time.perf_counter()
         session.run_with_iobinding(binding)
-        self.io.graph_s += time.perf_counter() - start
-        self.io.runs += 1
+        seconds = time.perf_counter() - start
         out = {name: value if name in keep_on_device and device != "cpu" else value.numpy()
                for name, value in zip(names, binding.get_outputs())}
         # What stays on a GPU is not a transfer; on a CPU session the same arrays are marked so
         # that the next graph does not count them as uploads either.
-        self._resident = {id(out[n]) for n in keep_on_device if n in out}
-        self.io.to_host += sum(v.nbytes for n, v in out.items() if n not in keep_on_device)
+        with self._lock:
+            for n in keep_on_device:
+                if n in out and isinstance(out[n], np.ndarray):
+                    self._resident[id(out[n])] = out[n]
+        self._count(graph_s=seconds, runs=1,
+                    to_host=sum(v.nbytes for n, v in out.items() if n not in keep_on_device))
         return out
+
+    def _is_resident(self, value: Any) -> bool:
+        with self._lock:
+            return self._resident.get(id(value)) is value
+
+    def _count(self, **amounts: float) -> None:
+        with self._lock:     # the video engine runs graphs from two threads
+            for key, amount in amounts.items():
+                setattr(self.io, key, getattr(self.io, key) + amount)
 
     def _text_value(self) -> Any:
         """The text bank, uploaded to the GPU once (numpy on a CPU session; its bytes are
         counted once there too)."""
         if self._text_device is None:
-            self.io.to_device += self.text.nbytes
+            self._count(to_device=self.text.nbytes)
             self._text_device = self.text if self.device_type == "cpu" else \
                 ort.OrtValue.ortvalue_from_numpy(self.text, self.device_type, 0)
         return self._text_device
@@ -192,18 +210,35 @@ class Segmenter:
         SFR step between the graphs (None without SFR)."""
         times = Timings() if times is None else times
         windows = np.ascontiguousarray(windows, dtype=np.float32)
-        if "segmenter" in self.sessions:
-            with times("encoder"):
-                return self.run_graph("segmenter", {"pixels": windows})["logits"], None
         with times("encoder"):
-            # On a GPU, what the head takes from the encoder stays there; the CPU gets the
-            # pre-pass logits only.
-            enc = self.run_graph("encoder", {"pixels": windows},
-                                 keep_on_device=("tokens", "rcs", "window"))
+            enc = self.encode(windows)
         with times("sfr"):
-            step = sfr_step(enc["prepass_logits"], windows, self.params, self.patch)
+            step = self.refine(enc, windows)
         with times("head"):
-            return self.run_graph("head", {**enc, "sfr_bias": step.bias})["logits"], step
+            return self.head(enc, step), step
+
+    # The three stages of a batch of windows; the video engine runs them in separate threads.
+
+    def encode(self, windows: np.ndarray) -> dict[str, Any]:
+        """(K, 3, h, w) windows -> the first graph's outputs. On a GPU, what the head takes from
+        the encoder (tokens, RCS map, window) stays there; the CPU gets the pre-pass logits
+        only. Without SFR: the final ``logits``."""
+        if "segmenter" in self.sessions:
+            return self.run_graph("segmenter", {"pixels": windows})
+        return self.run_graph("encoder", {"pixels": windows}, keep_on_device=DEVICE_RESIDENT)
+
+    def refine(self, enc: dict[str, Any], windows: np.ndarray,
+               workers: Optional[int] = None) -> Optional[SFRStep]:
+        """SFR's CPU part between the graphs (None without SFR)."""
+        if "segmenter" in self.sessions:
+            return None
+        return sfr_step(enc["prepass_logits"], windows, self.params, self.patch, workers)
+
+    def head(self, enc: dict[str, Any], step: Optional[SFRStep]) -> np.ndarray:
+        """-> (K, Q, N) patch cosine logits."""
+        if step is None:
+            return enc["logits"]
+        return self.run_graph("head", {**enc, "sfr_bias": step.bias})["logits"]
 
     def run_windows(self, windows: np.ndarray, times: Optional[Timings] = None) -> np.ndarray:
         return self.forward_windows(windows, times)[0]

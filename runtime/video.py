@@ -3,8 +3,9 @@
 Stages run in threads joined by bounded queues (so memory stays flat however long the video):
 prepare (resize, windows) -> encoder graph -> SFR on CPU -> head graph -> merge/output (the
 caller's thread). ONNX Runtime, scipy and numpy release the GIL, so while the SFR step of one
-frame runs, the encoder already works on the next; the graphs take the windows of up to
-``frames_per_batch`` frames in one run. Without smoothing each frame's result is the frame
+batch runs, the encoder already works on the next; the graphs take the windows of up to
+``frames_per_batch`` frames in one run, and a batch stays one batch from the encoder to the
+head, so on a GPU its tokens and RCS map never come to the host. Without smoothing each frame's result is the frame
 segmented as an image. On a 2-core CPU the stages compete for the same cores, so the overlap
 gains little there (BENCHMARKS.md); it pays where the graphs run on a GPU.
 """
@@ -23,7 +24,7 @@ import cv2
 import numpy as np
 
 from resclip_deploy.errors import UserError
-from resclip_deploy.pipeline import Prepared, Timings, finish, prepare, sfr_step
+from resclip_deploy.pipeline import Prepared, Timings, finish, prepare
 from resclip_deploy.postprocess import Segmentation
 
 from .segmenter import Segmenter
@@ -114,13 +115,27 @@ class _Item:
     index: int
     rgb: np.ndarray
     prepared: Prepared
-    encoder: Optional[dict[str, np.ndarray]] = None
-    bias: Optional[np.ndarray] = None
     logits: Optional[np.ndarray] = None
 
 
+@dataclass
+class _Batch:
+    """Frames that go through the graphs together: their windows in one run per graph. The
+    encoder's outputs for the head stay where the graph left them (on a GPU: the device)."""
+
+    items: list[_Item]
+    windows: np.ndarray
+    enc: Optional[dict[str, Any]] = None
+    step: Any = None
+
+
 class VideoEngine:
-    """Segment a stream of frames with the stages overlapped; yields results in frame order."""
+    """Segment a stream of frames with the stages overlapped; yields results in frame order.
+
+    The stages are the segmenter's own (``encode``, ``refine``, ``head``), run on batches of up
+    to ``frames_per_batch`` frames from the encoder to the head, so a batch's tokens and RCS map
+    never leave the GPU between its two graph runs.
+    """
 
     def __init__(self, segmenter: Segmenter, frames_per_batch: Optional[int] = None,
                  queue_size: int = 2, smoothing: Optional[float] = None,
@@ -150,32 +165,31 @@ class VideoEngine:
                 queues[0].put(_Item(index, rgb, prepare(rgb, seg.params, seg.patch, seg.norm)))
             queues[0].put(_END)
 
-        def encoder(item_batch: list[_Item]) -> None:
-            out = seg.run_graph(self._first_graph(), {"pixels": np.concatenate(
-                [i.prepared.windows for i in item_batch])})
-            self._split(item_batch, out, "encoder" if "segmenter" not in seg.sessions else "logits")
+        def encoder(items: list[_Item]) -> list[_Batch]:
+            batch = _Batch(items, np.concatenate([i.prepared.windows for i in items]))
+            batch.enc = seg.encode(batch.windows)
+            return [batch]
 
-        def sfr(item: _Item) -> None:
-            if "segmenter" not in seg.sessions:
-                step = sfr_step(item.encoder["prepass_logits"], item.prepared.windows,
-                                seg.params, seg.patch, self.sfr_workers)
-                item.bias = step.bias
+        def sfr(batches: list[_Batch]) -> list[_Batch]:
+            for batch in batches:
+                batch.step = seg.refine(batch.enc, batch.windows, self.sfr_workers)
+            return batches
 
-        def head(item_batch: list[_Item]) -> None:
-            if "segmenter" in seg.sessions:
-                return
-            feeds = {k: np.concatenate([i.encoder[k] for i in item_batch])
-                     for k in item_batch[0].encoder if k not in ("window", "prepass_logits")}
-            if "window" in item_batch[0].encoder:
-                feeds["window"] = item_batch[0].encoder["window"]
-            feeds["sfr_bias"] = np.concatenate([i.bias for i in item_batch])
-            self._split(item_batch, seg.run_graph("head", feeds), "logits")
+        def head(batches: list[_Batch]) -> list[_Item]:
+            out = []
+            for batch in batches:
+                logits = seg.head(batch.enc, batch.step)
+                sizes = np.cumsum([len(i.prepared.windows) for i in batch.items])[:-1]
+                for item, part in zip(batch.items, np.split(logits, sizes)):
+                    item.logits = part
+                out.extend(batch.items)
+            return out
 
         threads = [threading.Thread(target=self._guard, args=(produce, stop, queues[0]),
                                     daemon=True, name=f"{THREAD_PREFIX}read"),
-                   self._stage(queues[0], queues[1], encoder, True, stop),
-                   self._stage(queues[1], queues[2], sfr, False, stop),
-                   self._stage(queues[2], queues[3], head, True, stop)]
+                   self._stage(queues[0], queues[1], encoder, self.batch, stop),
+                   self._stage(queues[1], queues[2], sfr, 1, stop),
+                   self._stage(queues[2], queues[3], head, 1, stop)]
         for t in threads:
             t.start()
         smoothed: Optional[np.ndarray] = None
@@ -197,31 +211,18 @@ class VideoEngine:
         finally:
             _shut_down(threads, queues, stop)
 
-    def _first_graph(self) -> str:
-        return "segmenter" if "segmenter" in self.seg.sessions else "encoder"
-
-    @staticmethod
-    def _split(items: list[_Item], out: dict[str, np.ndarray], kind: str) -> None:
-        sizes = np.cumsum([len(i.prepared.windows) for i in items])[:-1]
-        if kind == "logits":
-            for item, part in zip(items, np.split(out["logits"], sizes)):
-                item.logits = part
-            return
-        parts = {k: (np.split(v, sizes) if k != "window" else [v] * len(items))
-                 for k, v in out.items()}
-        for n, item in enumerate(items):
-            item.encoder = {k: v[n] for k, v in parts.items()}
-
-    def _stage(self, source: queue.Queue, sink: queue.Queue, work, batched: bool,
+    def _stage(self, source: queue.Queue, sink: queue.Queue, work, gather: int,
                stop: threading.Event) -> threading.Thread:
+        """A thread that takes up to ``gather`` ready objects from ``source``, passes them to
+        ``work`` and puts what it returns into ``sink``; errors and the end marker travel on."""
         def loop() -> None:
             while not stop.is_set():
                 first = source.get()
                 if first is _END or isinstance(first, BaseException):
                     sink.put(first)
                     return
-                items, ended = [first], None
-                while batched and len(items) < self.batch:
+                got, ended = [first], None
+                while len(got) < gather:
                     try:
                         nxt = source.get_nowait()
                     except queue.Empty:
@@ -229,14 +230,9 @@ class VideoEngine:
                     if nxt is _END or isinstance(nxt, BaseException):
                         ended = nxt
                         break
-                    items.append(nxt)
-                if batched:
-                    work(items)
-                else:
-                    for item in items:
-                        work(item)
-                for item in items:
-                    sink.put(item)
+                    got.append(nxt)
+                for out in work(got):
+                    sink.put(out)
                 if ended is not None:
                     sink.put(ended)
                     return

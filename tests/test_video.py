@@ -102,6 +102,27 @@ def test_engine_batches_frames_and_keeps_order(bundle):
                                           seg.segment(rgb, with_probs=False).labels)
 
 
+def test_engine_batches_keep_the_encoder_outputs_for_the_head(bundle):
+    """Batches of frames go from the encoder to the head whole: what crosses host <-> device
+    (in the GPU configuration) per frame is what an image moves, never the tokens or the RCS
+    map (the old engine fetched and re-sent them for every batch)."""
+    from resclip_deploy.runtime.segmenter import Segmenter
+    from resclip_deploy.runtime.video import VideoEngine
+    seg = Segmenter.from_bundle(str(bundle), device="cpu")
+    rng = np.random.default_rng(1)
+    frames = [(i, rng.integers(0, 256, (120, 170, 3), dtype=np.uint8)) for i in range(6)]
+    seg.segment(frames[0][1], with_probs=False)
+    seg.io = type(seg.io)()
+    seg.segment(frames[0][1], with_probs=False)
+    per_image = seg.io
+    seg.io = type(seg.io)()
+    list(VideoEngine(seg, frames_per_batch=3).run(iter(frames)))
+    # batches of up to 3 frames (as many as are ready), two graphs each
+    assert seg.io.runs % 2 == 0 and 4 <= seg.io.runs <= 12
+    assert seg.io.to_device == 6 * per_image.to_device
+    assert seg.io.to_host == 6 * per_image.to_host
+
+
 def test_stopping_early_waits_for_every_stage(bundle):
     """After the consumer stops (Ctrl-C, an error), no engine thread still reads the source or
     runs a graph: the caller may release the capture and the sessions right away."""
