@@ -5,9 +5,10 @@ prepare (resize, windows) -> encoder graph -> SFR on CPU -> head graph -> merge/
 caller's thread). ONNX Runtime, scipy and numpy release the GIL, so while the SFR step of one
 batch runs, the encoder already works on the next; the graphs take the windows of up to
 ``frames_per_batch`` frames in one run, and a batch stays one batch from the encoder to the
-head, so on a GPU its tokens and RCS map never come to the host. Without smoothing each frame's result is the frame
-segmented as an image. On a 2-core CPU the stages compete for the same cores, so the overlap
-gains little there (BENCHMARKS.md); it pays where the graphs run on a GPU.
+head, so on a GPU its tokens and RCS map never come to the host. Without smoothing each
+frame's result is the frame segmented as an image. On a 2-core CPU the stages compete for the
+same cores, so the overlap gains little there (BENCHMARKS.md); it pays where the graphs run on
+a GPU.
 """
 
 from __future__ import annotations
