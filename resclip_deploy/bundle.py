@@ -347,15 +347,25 @@ def _read_graph(f: _Fields, file_key: str) -> GraphEntry:
                       f.list("outputs", tensor))
 
 
-def _check_declared(f: _Fields, field: str, entry: GraphEntry, io: GraphIO) -> None:
-    """A graph's recorded inputs and outputs against the layout the settings imply."""
-    for part, recorded, names in (("inputs", entry.inputs, io.inputs),
-                                  ("outputs", entry.outputs, io.outputs)):
-        got = [(t.name, t.dtype, len(t.shape)) for t in recorded]
+def io_mismatch(inputs: Sequence[Any], outputs: Sequence[Any], io: GraphIO,
+                ) -> Optional[tuple[str, str, str]]:
+    """Tensors (manifest :class:`TensorInfo` entries or ONNX Runtime's args) against the
+    layout's names, element types and ranks -> (part, got, want) signatures of the first part
+    that differs; None when both match."""
+    for part, tensors, names in (("inputs", inputs, io.inputs), ("outputs", outputs, io.outputs)):
+        got = [(t.name, t.dtype if isinstance(t, TensorInfo) else t.type, len(t.shape))
+               for t in tensors]
         want = [(n, *TENSORS[n]) for n in names]
         if got != want:
-            raise f.error(f"{field}.{part}", f"lists {_signature(got)}; this bundle's settings "
-                                             f"give {_signature(want)}")
+            return part, _signature(got), _signature(want)
+    return None
+
+
+def _check_declared(f: _Fields, field: str, entry: GraphEntry, io: GraphIO) -> None:
+    """A graph's recorded inputs and outputs against the layout the settings imply."""
+    bad = io_mismatch(entry.inputs, entry.outputs, io)
+    if bad:
+        raise f.error(f"{field}.{bad[0]}", f"lists {bad[1]}; this bundle's settings give {bad[2]}")
 
 
 def _signature(tensors: Sequence[tuple[str, str, int]]) -> str:
@@ -525,14 +535,10 @@ class Bundle:
         else:
             io = graph_layout(self.manifest.params, self.manifest.text_input)[graph]
             file = self.manifest.graphs[graph].file
-        for part, args, names in (("inputs", session.get_inputs(), io.inputs),
-                                  ("outputs", session.get_outputs(), io.outputs)):
-            got = [(a.name, a.type, len(a.shape)) for a in args]
-            want = [(n, *TENSORS[n]) for n in names]
-            if got != want:
-                raise UserError(f"bundle {self.path}: {file} has {part} {_signature(got)}, but "
-                                f"the manifest declares {_signature(want)}; export the bundle "
-                                "again")
+        bad = io_mismatch(session.get_inputs(), session.get_outputs(), io)
+        if bad:
+            raise UserError(f"bundle {self.path}: {file} has {bad[0]} {bad[1]}, but the manifest "
+                            f"declares {bad[2]}; export the bundle again")
 
 
 def read_bundle(path: str) -> Bundle:
