@@ -90,8 +90,10 @@ def check_one(bundle: str, device: str, rgb: np.ndarray, truth: Optional[Any], r
     entry: dict[str, Any] = {"device": device, "providers": seg.providers,
                              "first_image_s": round(time.perf_counter() - start, 3)}
     timed = time_runtime(seg, rgb, runs, warmup=1)
-    entry.update(image_s=round(timed["total_s"], 4),
-                 stages_s={k: round(v, 4) for k, v in timed["stages_s"].items()})
+    entry.update(image_s=round(timed["total_s"], 4), stages=seg.plan,
+                 stages_s={k: round(v, 4) for k, v in timed["stages_s"].items()},
+                 host_s=round(timed["host_s"], 4), bytes_to_device=timed["bytes_to_device"],
+                 bytes_to_host=timed["bytes_to_host"])
     if truth is not None:
         entry["labels_vs_cpu_fp32"] = float((first.labels == truth.labels).mean())
         entry["probs_max_abs_diff_vs_cpu_fp32"] = float(np.abs(first.probs - truth.probs).max())
@@ -101,6 +103,32 @@ def check_one(bundle: str, device: str, rgb: np.ndarray, truth: Optional[Any], r
                                                 "pipelined_fps", "labels_identical")}
     entry["gpu_memory_mb"] = gpu_memory_mb() if device != "cpu" else None
     return entry, first
+
+
+def check_fused(bundle: str, device: str, rgb: np.ndarray, truth: Any,
+                runs: int) -> dict[str, Any]:
+    """The one-graph chain (runtime/fused.py) on one provider: labels against CPU fp32 and
+    seconds per image (host inputs included)."""
+    from resclip_deploy.bundle import read_bundle
+    from resclip_deploy.runtime import fused
+    from resclip_deploy.runtime.providers import create_session
+    try:
+        manifest = read_bundle(bundle).manifest
+        session = create_session(fused.fused_model(bundle).SerializeToString(), device, None)
+        names = {i.name for i in session.get_inputs()}
+
+        def once() -> np.ndarray:
+            feeds = fused.fused_inputs(rgb, manifest.params, manifest)
+            return session.run(["labels"], {k: v for k, v in feeds.items() if k in names})[0]
+        labels = once()
+        start = time.perf_counter()
+        for _ in range(runs):
+            once()
+    except Exception as e:  # reported, as a provider that does not start
+        return {"device": device, "error": " ".join(str(e).split())[:300]}
+    return {"device": device, "providers": session.get_providers(),
+            "image_s": round((time.perf_counter() - start) / runs, 4),
+            "labels_vs_cpu_fp32": float((labels[0] == truth.labels).mean())}
 
 
 def run(cpu_only: bool, tiny: bool, frames: int, runs: int, workdir: str,
@@ -133,6 +161,10 @@ def run(cpu_only: bool, tiny: bool, frames: int, runs: int, workdir: str,
                 if truth is None:                   # CPU fp32 is the reference of the rest
                     truth = result
                 case["runs"].append(entry)
+                # The fused chain runs its pre-pass as graph ops: minutes on a CPU for ViT-B/16.
+                if truth is not None and (device != "cpu" or tiny):
+                    case.setdefault("fused", []).append(
+                        check_fused(folder, device, rgb, truth, runs))
             report["cases"].append(case)
     return report
 

@@ -16,6 +16,7 @@ from .bundle import PRECISIONS
 from .datasets import LAYOUTS as DATASETS
 from .errors import UserError
 from .params import CONNECTIVITIES, CUSTOM, METHODS, MODES, PRESETS, ResCLIPParams, preset_params
+from .stages import parse_stages
 from .vocab import Vocabulary, preset_vocabulary, resolve_vocabulary
 
 log = logging.getLogger("resclip_deploy")
@@ -129,6 +130,9 @@ def _setup_logging(quiet: bool) -> None:
 @click.option("--overlay/--no-overlay", default=True, show_default=True,
               help="Also write <stem>_overlay.jpg: the photo, class colours and a legend.")
 @click.option("--threads", type=int, default=None, help="CPU threads for ONNX Runtime.")
+@click.option("--stages", "stages_text", default=None,
+              help="--bundle: stage implementations over the device's choice, e.g. "
+                   "prepass=graph or all=numpy (see README: Stages on the device).")
 @click.option("--frame-stride", type=int, default=1, show_default=True,
               help="Video: segment every Nth frame (the output video has fps/N).")
 @click.option("--max-frames", type=int, default=None, help="Video: stop after N frames.")
@@ -144,7 +148,8 @@ def _setup_logging(quiet: bool) -> None:
 def segment_main(inputs: tuple[str, ...], outdir: str, bundle_dir: Optional[str],
                  reference: bool, model_name: Optional[str], pretrained: Optional[str],
                  preset: Optional[str], classes: Optional[str], save_probs: bool, device: str,
-                 overlay: bool, threads: Optional[int], frame_stride: int,
+                 overlay: bool, threads: Optional[int], stages_text: Optional[str],
+                 frame_stride: int,
                  max_frames: Optional[int], save_frames: bool, save_labels: bool,
                  smooth: Optional[float], quiet: bool, **overrides: Any) -> None:
     """Segment images (files, folders, globs) into OUTDIR.
@@ -164,8 +169,11 @@ def segment_main(inputs: tuple[str, ...], outdir: str, bundle_dir: Optional[str]
                         "--reference (torch)")
     if bundle_dir is not None:
         segmenter = _bundle_segmenter(bundle_dir, model_name, pretrained, preset, classes,
-                                      device, threads, overrides)
+                                      device, threads, overrides, parse_stages(stages_text))
     else:
+        if stages_text:
+            raise UserError("--stages chooses how a bundle's stages run; the torch reference "
+                            "(--reference) has one implementation")
         params, vocab = resolve_settings(preset, classes, overrides)
         segmenter = _reference_segmenter(model_name or "auto", pretrained, vocab, params, device)
     options = SegmentOptions(save_probs, overlay, VideoOptions(frame_stride, max_frames,
@@ -235,7 +243,8 @@ class _ClickReporter:
 
 def _bundle_segmenter(bundle_dir: str, model_name: Optional[str], pretrained: Optional[str],
                       preset: Optional[str], classes: Optional[str], device: str,
-                      threads: Optional[int], overrides: dict[str, Any]):
+                      threads: Optional[int], overrides: dict[str, Any],
+                      stages: Optional[dict[str, str]] = None):
     from .runtime.segmenter import RUNTIME_SETTINGS, Segmenter
 
     fixed = {"--model": model_name, "--pretrained": pretrained, "--preset": preset,
@@ -248,7 +257,7 @@ def _bundle_segmenter(bundle_dir: str, model_name: Optional[str], pretrained: Op
                         "--prob-thd, --temp-thd)")
     vocab = resolve_vocabulary(classes) if classes is not None else None
     return Segmenter.from_bundle(bundle_dir, device=device, threads=threads, classes=vocab,
-                                 **{k: overrides[k] for k in RUNTIME_SETTINGS})
+                                 stages=stages, **{k: overrides[k] for k in RUNTIME_SETTINGS})
 
 
 def segment_entry() -> None:

@@ -35,17 +35,24 @@ def keep_ratio_size(h: int, w: int, short_side: int, long_side_max: int) -> tupl
     return int(h * f + 0.5), int(w * f + 0.5)
 
 
-def preprocess(rgb: np.ndarray, short_side: int, long_side_max: int,
-               norm: PixelNorm) -> np.ndarray:
-    """RGB uint8 (H0, W0, 3) -> normalised network input (3, H, W) float32.
-
-    Resized keeping aspect with bilinear interpolation on the uint8 image, as the reference does.
-    """
+def resize_input(rgb: np.ndarray, short_side: int, long_side_max: int) -> np.ndarray:
+    """RGB uint8 (H0, W0, 3) -> the network input size (H, W, 3) uint8, keeping the aspect, with
+    bilinear interpolation on the uint8 image as the reference does."""
     h, w = keep_ratio_size(rgb.shape[0], rgb.shape[1], short_side, long_side_max)
-    resized = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_LINEAR)
+    return cv2.resize(rgb, (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def normalise(resized: np.ndarray, norm: PixelNorm) -> np.ndarray:
+    """(H, W, 3) uint8 -> (3, H, W) float32 (x − mean) / std."""
     mean, std = np.float32(norm.mean), np.float32(norm.std)
     x = (resized.astype(np.float32) - mean) / std
     return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def preprocess(rgb: np.ndarray, short_side: int, long_side_max: int,
+               norm: PixelNorm) -> np.ndarray:
+    """RGB uint8 (H0, W0, 3) -> normalised network input (3, H, W) float32."""
+    return normalise(resize_input(rgb, short_side, long_side_max), norm)
 
 
 def window_boxes(h: int, w: int, mode: str, crop: int, stride: int) -> np.ndarray:
@@ -112,3 +119,43 @@ def check_input_size(hw: tuple[int, int], patch: int) -> None:
         raise UserError(f"the image is {hw[0]}x{hw[1]} pixels after the keep-ratio resize, "
                         f"thinner than one {patch}x{patch} patch; crop it to a less extreme "
                         "aspect ratio or raise the short side")
+
+
+def interp_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) float32 weights of a 1-D bilinear resize, OpenCV's own (an identity resized
+    by :func:`resize_bilinear_hwc`): resizing is then a matrix product."""
+    eye = np.eye(n_in, dtype=np.float32)[:, None, :]                 # height n_in, width 1
+    return resize_bilinear_hwc(eye, (n_out, 1))[:, 0, :]
+
+
+def _axis_merge(spans: np.ndarray, size: int, grid: int, out: int) -> np.ndarray:
+    """One axis of :func:`merge_matrices`: (out, windows, grid)."""
+    weights = interp_matrix(grid, int(spans[0, 1] - spans[0, 0]))
+    m = np.zeros((size, len(spans), grid), dtype=np.float32)
+    for i, (start, end) in enumerate(spans):
+        m[start:end, i] = weights
+    count = np.zeros(size, dtype=np.float32)
+    for start, end in spans:
+        count[start:end] += 1
+    if count.max() > 1:
+        m /= count[:, None, None]
+    if out != size:
+        m = (interp_matrix(size, out) @ m.reshape(size, -1)).reshape(out, len(spans), grid)
+    return m
+
+
+def merge_matrices(boxes: np.ndarray, input_hw: tuple[int, int], out_hw: tuple[int, int],
+                   grid_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The window merge and the output resize as two matrices (the output graph's inputs).
+
+    :func:`merge_windows` then the bilinear resize to ``out_hw`` are linear and separable, and
+    the window count at a pixel is (windows over its row) x (windows over its column), so
+    out_q = rows · G_q · colsᵀ with G_q the (ny·gh, nx·gw) tiling of the window grids of query q.
+    Returns rows (H0, ny, gh) and cols (W0, nx, gw) float32; boxes row-major as
+    :func:`window_boxes` makes them.
+    """
+    ys = np.unique(boxes[:, 0:2], axis=0)
+    xs = np.unique(boxes[:, 2:4], axis=0)
+    assert len(ys) * len(xs) == len(boxes), "boxes must form a grid"
+    return (_axis_merge(ys, input_hw[0], grid_hw[0], out_hw[0]),
+            _axis_merge(xs, input_hw[1], grid_hw[1], out_hw[1]))

@@ -71,9 +71,11 @@ def sfr_schedule(windows: int, workers: int) -> tuple[int, int]:
     return windows, -(-workers // windows)
 
 
-def sfr_step(prepass_logits: np.ndarray, windows: np.ndarray, params: ResCLIPParams,
-             patch: int, workers: Optional[int] = None) -> SFRStep:
-    """(K, Q, N) pre-pass logits, (K, 3, h, w) windows -> :class:`SFRStep`.
+def prepass_step(prepass_logits: np.ndarray, windows: np.ndarray, params: ResCLIPParams,
+                 patch: int, workers: Optional[int] = None,
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(K, Q, N) pre-pass logits, (K, 3, h, w) windows -> pre-pass argmax and max probability
+    (K, h, w), patch labels (K, gh, gw).
 
     ``workers``: threads for PAMR (default: one per CPU core), scheduled by
     :func:`sfr_schedule`.
@@ -93,7 +95,13 @@ def sfr_step(prepass_logits: np.ndarray, windows: np.ndarray, params: ResCLIPPar
     argmax = np.stack([a for a, _ in pre])
     maxprob = np.stack([m for _, m in pre])
     labels = sfr.pixel_labels(argmax, maxprob, params.temp_thd)
-    patches = np.stack([sfr.patch_labels(lab, patch, q) for lab in labels])
+    return argmax, maxprob, np.stack([sfr.patch_labels(lab, patch, q) for lab in labels])
+
+
+def sfr_step(prepass_logits: np.ndarray, windows: np.ndarray, params: ResCLIPParams,
+             patch: int, workers: Optional[int] = None) -> SFRStep:
+    """(K, Q, N) pre-pass logits, (K, 3, h, w) windows -> :class:`SFRStep`, all in numpy."""
+    argmax, maxprob, patches = prepass_step(prepass_logits, windows, params, patch, workers)
     mats = np.stack([sfr.sfr_matrix(g, params.connectivity, params.gaussian_std)
                      for g in patches])
     return SFRStep(argmax, maxprob, patches, mats, np.stack([sfr.sfr_bias(m) for m in mats]))
@@ -116,21 +124,33 @@ WindowRunner = Callable[[np.ndarray, Timings], np.ndarray]
 
 @dataclass
 class Prepared:
-    """One image ready for the networks: windows (K, 3, h, w) of the resized input."""
+    """One image ready for the networks: windows (K, 3, h, w) float32 of the normalised input,
+    or (K, h, w, 3) uint8 crops of the resized image when a graph normalises them."""
 
     windows: np.ndarray
     boxes: np.ndarray
     input_hw: tuple[int, int]
     image_hw: tuple[int, int]
 
+    @property
+    def window_hw(self) -> tuple[int, int]:
+        shape = self.windows.shape
+        return (shape[1], shape[2]) if self.windows.dtype == np.uint8 else (shape[2], shape[3])
+
 
 def prepare(rgb: np.ndarray, params: ResCLIPParams, patch: int,
-            norm: geometry.PixelNorm) -> Prepared:
-    """RGB uint8 (H0, W0, 3) -> resized, normalised windows (docs/method.md §2.1, §2.2)."""
-    x = geometry.preprocess(rgb, params.short_side, params.long_side_max, norm)
-    geometry.check_input_size(x.shape[1:], patch)
-    boxes = geometry.window_boxes(x.shape[1], x.shape[2], params.mode, params.crop, params.stride)
-    return Prepared(geometry.crop_batch(x, boxes), boxes, x.shape[1:], rgb.shape[:2])
+            norm: Optional[geometry.PixelNorm]) -> Prepared:
+    """RGB uint8 (H0, W0, 3) -> resized, normalised windows (docs/method.md §2.1, §2.2);
+    ``norm=None``: uint8 crops, normalised later by the ``normalise`` graph."""
+    resized = geometry.resize_input(rgb, params.short_side, params.long_side_max)
+    hw = resized.shape[:2]
+    geometry.check_input_size(hw, patch)
+    boxes = geometry.window_boxes(hw[0], hw[1], params.mode, params.crop, params.stride)
+    if norm is None:
+        crops = np.stack([resized[y1:y2, x1:x2] for y1, y2, x1, x2 in boxes])
+    else:
+        crops = geometry.crop_batch(geometry.normalise(resized, norm), boxes)
+    return Prepared(crops, boxes, hw, rgb.shape[:2])
 
 
 def finish(prepared: Prepared, logits: np.ndarray, params: ResCLIPParams, patch: int,
@@ -138,7 +158,7 @@ def finish(prepared: Prepared, logits: np.ndarray, params: ResCLIPParams, patch:
     """(K, Q, gh·gw) window logits -> Segmentation at the original size."""
     with times("merge"):
         k, q = logits.shape[:2]
-        gh, gw = prepared.windows.shape[2] // patch, prepared.windows.shape[3] // patch
+        gh, gw = (side // patch for side in prepared.window_hw)
         grids = logits.transpose(0, 2, 1).reshape(k, gh, gw, q)
         canvas = geometry.merge_windows(grids, prepared.boxes, prepared.input_hw)
     with times("output"):

@@ -108,8 +108,24 @@ def gaussian_kernel_1d(n: int, std: float) -> np.ndarray:
     return k / k.sum()
 
 
+def connectivity_mask(grid: np.ndarray, connectivity: str) -> np.ndarray:
+    """(h, w) patch labels -> (N, N) bool same-entity test of the SFR matrix."""
+    if connectivity == "reference":
+        return reference_connectivity(grid)
+    if connectivity == "components":
+        return component_connectivity(grid)
+    raise ValueError(f"unknown connectivity {connectivity!r}")
+
+
 def sfr_matrix(grid: np.ndarray, connectivity: str, gaussian_std: float) -> np.ndarray:
-    """(h, w) patch labels -> (N+1, N+1) float32 S, zero CLS row and column (docs/method.md §6).
+    """(h, w) patch labels -> (N+1, N+1) float32 S with the named connectivity."""
+    return masked_sfr_matrix(grid, connectivity_mask(grid, connectivity), gaussian_std)
+
+
+def masked_sfr_matrix(grid: np.ndarray, connected: np.ndarray,
+                      gaussian_std: float) -> np.ndarray:
+    """(h, w) patch labels, (N, N) connectivity mask -> (N+1, N+1) float32 S, zero CLS row and
+    column (docs/method.md §6).
 
     M = same label; same-label pairs that are not connected decay by exp(-d/D); each row is
     blurred along the flattened index (zero padding), then normalised to sum 1.
@@ -118,12 +134,6 @@ def sfr_matrix(grid: np.ndarray, connectivity: str, gaussian_std: float) -> np.n
     n = h * w
     flat = grid.ravel()
     m = (flat[:, None] == flat[None, :]).astype(np.float32)
-    if connectivity == "reference":
-        connected = reference_connectivity(grid)
-    elif connectivity == "components":
-        connected = component_connectivity(grid)
-    else:
-        raise ValueError(f"unknown connectivity {connectivity!r}")
     big_d = max(h, w) - 1
     if big_d > 0:
         decay = np.exp(-chebyshev_distances(h, w).astype(np.float32) / np.float32(big_d))

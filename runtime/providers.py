@@ -105,17 +105,34 @@ def profile_shapes(manifest: Manifest, inputs: tuple[str, ...],
     batches = (1, opt_b, max_b)
     queries = len(manifest.vocabulary.queries)
     # A runtime vocabulary (--text-encoder bundles) may have any size: from 1 to 4x the bundle's.
-    text = ((1, m.embed_dim), (queries, m.embed_dim), (max(4 * queries, 256), m.embed_dim))
+    q_range = (1, queries, max(4 * queries, 256))
+    text = tuple((q, m.embed_dim) for q in q_range)
+    # The output graph's merge matrices: (image side, windows along it, window grid side).
+    sides = [_axis_profile(p, m.patch, i) for i in range(3)]
     out: dict[str, tuple[Shape, Shape, Shape]] = {}
     for name in inputs:
         rows = []
-        for b, (h, w), n in zip(batches, hw, grids):
+        for b, (h, w), n, q, side in zip(batches, hw, grids, q_range, sides):
             t = n + 1
-            rows.append({"pixels": (b, 3, h, w), "tokens": (b, t, m.width),
-                         "rcs": (b, m.heads, t, t), "window": (t, t),
-                         "sfr_bias": (b, t, t)}.get(name))
-        out[name] = text if name == "text" else tuple(rows)
+            rows.append({"pixels": (b, 3, h, w), "windows": (b, 3, h, w), "frames": (b, h, w, 3),
+                         "tokens": (b, t, m.width), "rcs": (b, m.heads, t, t), "window": (t, t),
+                         "sfr_bias": (b, t, t), "prepass_logits": (b, q, n),
+                         "logits": (b, q, n), "patch_labels": (b, h // m.patch, w // m.patch),
+                         "connected": (b, n, n), "rows": side, "cols": side}.get(name))
+        if name == "text":
+            out[name] = text
+        elif rows[0] is not None:            # scalars (thresholds) have no dynamic axis
+            out[name] = tuple(rows)
     return out
+
+
+def _axis_profile(p, patch: int, level: int) -> Shape:
+    """(min, opt, max)[level] of one merge matrix: output side up to 8192 pixels."""
+    if p.mode == "whole":
+        grid = (1, p.short_side // patch, p.long_side_max // patch)[level]
+        return ((1, 480, 8192)[level], 1, grid)
+    along = (1, 3, len(geometry._axis_windows(p.long_side_max, p.crop, p.stride)))[level]
+    return ((1, 480, 8192)[level], along, (1, p.crop // patch, p.crop // patch)[level])
 
 
 def default_cache_dir() -> str:
@@ -148,16 +165,18 @@ def check_device_for_precision(device: str, precision: str) -> str:
                     "or use --device cpu")
 
 
-def session_options(threads: Optional[int],
-                    profile_prefix: Optional[str] = None) -> ort.SessionOptions:
-    """``profile_prefix``: ONNX Runtime writes a per-node profile there (resclip-bench)."""
+def session_options(threads: Optional[int], profile_prefix: Optional[str] = None,
+                    arena: bool = False) -> ort.SessionOptions:
+    """``profile_prefix``: ONNX Runtime writes a per-node profile there (resclip-bench).
+    ``arena``: keep the CPU memory arena (see below) for graphs that are mostly big, short-lived
+    activations."""
     options = ort.SessionOptions()
     if profile_prefix:
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix
     # The CPU arena keeps every activation's peak reserved: ~0.5 GB more for ViT-B/16 and six
     # windows, at no measured speed gain here (0.51 s vs 0.57 s per encoder run).
-    options.enable_cpu_mem_arena = False
+    options.enable_cpu_mem_arena = arena
     # Idle ONNX Runtime threads spin by default, taking the cores from the SFR step that runs
     # between the graphs (and, in the video engine, beside them): measured 0.70 -> 0.77 fps
     # pipelined on the 2-core machine, single images unchanged.
@@ -167,18 +186,19 @@ def session_options(threads: Optional[int],
     return options
 
 
-def create_session(path: str, device: str, threads: Optional[int],
-                   gpu: Optional[GpuOptions] = None,
-                   profile_prefix: Optional[str] = None) -> ort.InferenceSession:
+def create_session(path: str | bytes, device: str, threads: Optional[int],
+                   gpu: Optional[GpuOptions] = None, profile_prefix: Optional[str] = None,
+                   arena: bool = False) -> ort.InferenceSession:
     """An ONNX Runtime session on ``device``; a requested GPU that does not bind is an error.
 
     onnxruntime-gpu lists GPU providers without a GPU and silently runs on CPU, so the providers
     that actually bound (``get_providers()``) decide. ``auto`` tries TensorRT (CUDA behind it),
     CUDA, then CPU. ``gpu``: the options of :func:`provider_options` (defaults without one).
+    ``path``: a file, or a serialised graph (the stage graphs).
     """
     if device not in DEVICES:
         raise UserError(f"--device {device!r} is not known; choose one of {', '.join(DEVICES)}")
-    options = session_options(threads, profile_prefix)
+    options = session_options(threads, profile_prefix, arena)
     gpu = gpu or GpuOptions()
     available = ort.get_available_providers()
     if device in ("cuda", "tensorrt"):
@@ -214,7 +234,7 @@ def device_of(session: ort.InferenceSession) -> str:
     return next(name for name, chain in PROVIDER_CHAINS.items() if chain[0] == first)
 
 
-def _try_session(path: str, options: ort.SessionOptions, providers: list[str],
+def _try_session(path: str | bytes, options: ort.SessionOptions, providers: list[str],
                  gpu: GpuOptions) -> Optional[ort.InferenceSession]:
     """A session with ``providers`` and their options, or None; ORT's own provider-load chatter
     is silenced (the caller reports in its words)."""

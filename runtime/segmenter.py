@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 import threading
@@ -20,10 +21,15 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from resclip_deploy.bundle import TEXT_BANK_FILE, Bundle, graph_layout, read_bundle
+from resclip_deploy import stage_graphs
+from resclip_deploy.bundle import TEXT_BANK_FILE, Bundle, Manifest, graph_layout, read_bundle
 from resclip_deploy.errors import UserError
-from resclip_deploy.pipeline import SFRStep, Timings, segment_image, sfr_step
+from resclip_deploy.geometry import merge_matrices
+from resclip_deploy.pipeline import Prepared, SFRStep, Timings, finish, prepare, prepass_step
+from resclip_deploy.params import ResCLIPParams
 from resclip_deploy.postprocess import Segmentation
+from resclip_deploy.sfr import connectivity_mask, masked_sfr_matrix, sfr_bias
+from resclip_deploy.stages import GRAPH, NUMPY, choose
 from resclip_deploy.vocab import Vocabulary
 
 from .providers import check_device_for_precision, create_session, device_of, gpu_options
@@ -45,6 +51,8 @@ class IOStats:
 
 # Encoder outputs the head takes: kept on the GPU between the two graphs.
 DEVICE_RESIDENT = ("tokens", "rcs", "window")
+# The output graph's variant with probabilities (the plain one gives labels only).
+OUTPUT_PROBS = "output_probs"
 # Settings applied on CPU between or after the graphs; a run may change them.
 RUNTIME_SETTINGS = ("connectivity", "prob_thd", "temp_thd")
 
@@ -69,19 +77,19 @@ class Segmenter:
     """ResCLIP from a bundle. All windows of an image run as one batch per graph."""
 
     def __init__(self, bundle: Bundle, sessions: dict[str, ort.InferenceSession],
-                 text: Optional[np.ndarray], overrides: dict[str, Any]):
-        unknown = set(overrides) - set(RUNTIME_SETTINGS)
-        if unknown:
-            raise UserError(f"{sorted(unknown)} are fixed in the exported graphs; only "
-                            f"{', '.join(RUNTIME_SETTINGS)} can change at run time (re-export "
-                            "for the others)")
+                 text: Optional[np.ndarray], overrides: dict[str, Any],
+                 plan: Optional[dict[str, str]] = None, vocab: Optional[Vocabulary] = None):
+        """``sessions``: the bundle's graphs and the stage graphs of ``plan`` (stage ->
+        implementation, default: the stage table's choice for the device)."""
+        check_overrides(overrides)
         self.bundle, self.sessions, self.text = bundle, sessions, text
         # 'cuda' when the graphs run on a GPU provider, else 'cpu' (read once: run_graph asks)
         first = next(iter(sessions.values())).get_providers()[0]
         self.device_type = "cpu" if first == "CPUExecutionProvider" else "cuda"
         manifest = bundle.manifest
         self.params = manifest.params.replace(**overrides)
-        self.vocab = manifest.vocabulary
+        self.plan = plan or choose(self.device_type, self.params.sfr)
+        self.vocab = vocab or manifest.vocabulary
         self.patch = manifest.model.patch
         self.norm = manifest.preprocess.norm
         self.io = IOStats()
@@ -90,15 +98,22 @@ class Segmenter:
         self._resident: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
         self._lock = threading.Lock()
         self._text_device: Any = None
+        self._merge_key: Any = None
+        self._merge_cache: Any = None
 
     @classmethod
     def from_bundle(cls, path: str, device: str = "auto", threads: Optional[int] = None,
                     classes: Optional[Vocabulary] = None, cache_dir: Optional[str] = None,
-                    profile_dir: Optional[str] = None, **overrides: Any) -> "Segmenter":
+                    profile_dir: Optional[str] = None,
+                    stages: Optional[dict[str, str]] = None, **overrides: Any) -> "Segmenter":
         """``classes``: a new vocabulary (needs a bundle exported with --text-encoder).
         ``cache_dir``: TensorRT engine and timing caches (default: providers.default_cache_dir).
         ``profile_dir``: ONNX Runtime profiles of the graph sessions go there.
+        ``stages``: stage -> 'numpy' or 'graph' over the stage table's choice for the device
+        (resclip_deploy.stages); {'all': 'graph'}: every stage that has a graph.
         ``overrides``: runtime-side settings (connectivity, prob_thd, temp_thd); None = keep."""
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        check_overrides(overrides)
         bundle = read_bundle(path)
         manifest = bundle.manifest
         device = check_device_for_precision(device, manifest.precision)
@@ -120,6 +135,15 @@ class Segmenter:
                                             prefix)
             bundle.check_session(name, sessions[name])
             device = device_of(sessions[name])
+        params = manifest.params.replace(**overrides)
+        vocab = classes or manifest.vocabulary
+        plan = choose("cpu" if device == "cpu" else "cuda", params.sfr, stages)
+        for stage in (s for s, impl in plan.items() if impl == GRAPH):
+            sessions[stage] = _stage_session(stage, manifest, params, vocab, device, threads,
+                                             cache_dir, profile_dir)
+        if plan["output"] == GRAPH:      # labels only (above), and with probabilities
+            sessions[OUTPUT_PROBS] = _stage_session("output", manifest, params, vocab, device,
+                                                    threads, cache_dir, profile_dir, probs=True)
         for name, session in sessions.items():
             log.info("%s graph on %s", name, ", ".join(session.get_providers()))
         text = None
@@ -134,11 +158,7 @@ class Segmenter:
             bundle.check_session("text_encoder", session)
             encoder = TextEncoder(Tokenizer.from_file(bundle.file(spec.tokenizer)), session, spec)
             text = encoder.bank(classes.queries)
-        segmenter = cls(bundle, sessions, text, {k: v for k, v in overrides.items()
-                                                 if v is not None})
-        if classes is not None:
-            segmenter.vocab = classes
-        return segmenter
+        return cls(bundle, sessions, text, overrides, plan, vocab)
 
     @property
     def providers(self) -> dict[str, list[str]]:
@@ -205,46 +225,172 @@ class Segmenter:
         return self._text_device
 
     def forward_windows(self, windows: np.ndarray, times: Optional[Timings] = None,
-                        ) -> tuple[np.ndarray, Optional[SFRStep]]:
-        """(K, 3, h, w) float32 normalised windows -> (K, Q, N) patch cosine logits and the
-        SFR step between the graphs (None without SFR)."""
+                        ) -> tuple[Any, Optional[SFRStep]]:
+        """(K, 3, h, w) float32 normalised windows (or (K, h, w, 3) uint8 crops when the
+        normalise stage is a graph) -> (K, Q, N) patch cosine logits and the SFR step between
+        the graphs (None without SFR). With an output graph on a GPU the logits stay there."""
         times = Timings() if times is None else times
-        windows = np.ascontiguousarray(windows, dtype=np.float32)
+        if windows.dtype != np.uint8:
+            windows = np.ascontiguousarray(windows, dtype=np.float32)
         with times("encoder"):
             enc = self.encode(windows)
         with times("sfr"):
-            step = self.refine(enc, windows)
+            step = self.refine(enc)
         with times("head"):
             return self.head(enc, step), step
 
-    # The three stages of a batch of windows; the video engine runs them in separate threads.
+    # The stages of a batch of windows (resclip_deploy.stages); the video engine runs them in
+    # separate threads. What one graph hands to the next stays on a GPU (keep_on_device).
 
     def encode(self, windows: np.ndarray) -> dict[str, Any]:
-        """(K, 3, h, w) windows -> the first graph's outputs. On a GPU, what the head takes from
-        the encoder (tokens, RCS map, window) stays there; the CPU gets the pre-pass logits
-        only. Without SFR: the final ``logits``."""
+        """Windows -> the first graph's outputs and the normalised ``windows``. On a GPU, what the
+        later graphs take stays there; the CPU gets what its own stages need. Without SFR: the
+        final ``logits``."""
+        if windows.dtype == np.uint8:
+            windows = self.run_graph("normalise", {"frames": windows},
+                                     keep_on_device=("windows",))["windows"]
         if "segmenter" in self.sessions:
-            return self.run_graph("segmenter", {"pixels": windows})
-        return self.run_graph("encoder", {"pixels": windows}, keep_on_device=DEVICE_RESIDENT)
+            keep = ("logits",) if self.plan["output"] == GRAPH else ()
+            enc = self.run_graph("segmenter", {"pixels": windows}, keep_on_device=keep)
+        else:
+            keep = DEVICE_RESIDENT + (("prepass_logits",) if self.plan["prepass"] == GRAPH
+                                      else ())
+            enc = self.run_graph("encoder", {"pixels": windows}, keep_on_device=keep)
+        enc["windows"] = windows
+        return enc
 
-    def refine(self, enc: dict[str, Any], windows: np.ndarray,
-               workers: Optional[int] = None) -> Optional[SFRStep]:
-        """SFR's CPU part between the graphs (None without SFR)."""
+    def refine(self, enc: dict[str, Any], workers: Optional[int] = None) -> Optional[SFRStep]:
+        """SFR between the graphs (None without SFR): pre-pass, connectivity, SFR matrix, each
+        as the plan says. With graphs on a GPU only the patch labels come down and the
+        connectivity mask goes up."""
         if "segmenter" in self.sessions:
             return None
-        return sfr_step(enc["prepass_logits"], windows, self.params, self.patch, workers)
+        argmax, maxprob, grids = self.prepass(enc, workers)
+        return SFRStep(argmax, maxprob, grids, *self.sfr_matrix(grids))
 
-    def head(self, enc: dict[str, Any], step: Optional[SFRStep]) -> np.ndarray:
-        """-> (K, Q, N) patch cosine logits."""
+    def prepass(self, enc: dict[str, Any], workers: Optional[int] = None) -> tuple[Any, ...]:
+        """-> pre-pass argmax and max probability (K, h, w), patch labels (K, gh, gw)."""
+        p = self.params
+        if self.plan["prepass"] == NUMPY:
+            return prepass_step(self.host(enc["prepass_logits"]), self.host(enc["windows"]), p,
+                                self.patch, workers)
+        on_device = self.plan["connectivity"] == GRAPH and self.plan["sfr_matrix"] == GRAPH
+        out = self.run_graph(
+            "prepass", {"prepass_logits": enc["prepass_logits"], "windows": enc["windows"],
+                        "temp_thd": np.array(p.temp_thd, dtype=np.float32)},
+            keep_on_device=("prepass_argmax", "prepass_maxprob")
+            + (("patch_labels",) if on_device else ()))
+        return out["prepass_argmax"], out["prepass_maxprob"], out["patch_labels"]
+
+    def sfr_matrix(self, grids: Any) -> tuple[Any, Any]:
+        """(K, gh, gw) patch labels -> SFR matrices and the head's bias (K, T, T)."""
+        p = self.params
+        if self.plan["connectivity"] == NUMPY:
+            connected = np.stack([connectivity_mask(g, p.connectivity) for g in self.host(grids)])
+        else:
+            connected = self.run_graph("connectivity", {"patch_labels": grids},
+                                       keep_on_device=("connected",))["connected"]
+        if self.plan["sfr_matrix"] == NUMPY:
+            grids, connected = self.host(grids), self.host(connected)
+            mats = np.stack([masked_sfr_matrix(g, c, p.gaussian_std)
+                             for g, c in zip(grids, connected)])
+            return mats, np.stack([sfr_bias(m) for m in mats])
+        out = self.run_graph("sfr_matrix", {"patch_labels": grids, "connected": connected},
+                             keep_on_device=("sfr_matrix", "sfr_bias"))
+        return out["sfr_matrix"], out["sfr_bias"]
+
+    def head(self, enc: dict[str, Any], step: Optional[SFRStep]) -> Any:
+        """-> (K, Q, N) patch cosine logits (kept on a GPU for an output graph)."""
         if step is None:
             return enc["logits"]
-        return self.run_graph("head", {**enc, "sfr_bias": step.bias})["logits"]
+        keep = ("logits",) if self.plan["output"] == GRAPH else ()
+        return self.run_graph("head", {**enc, "sfr_bias": step.bias},
+                              keep_on_device=keep)["logits"]
 
     def run_windows(self, windows: np.ndarray, times: Optional[Timings] = None) -> np.ndarray:
-        return self.forward_windows(windows, times)[0]
+        return self.host(self.forward_windows(windows, times)[0])
+
+    def host(self, value: Any) -> np.ndarray:
+        """A stage's tensor on the host: numpy as is, a GPU OrtValue copied down (counted)."""
+        if not isinstance(value, ort.OrtValue):
+            return value
+        array = value.numpy()
+        self._count(to_host=array.nbytes)
+        return array
+
+    def prepare(self, rgb: np.ndarray) -> Prepared:
+        """RGB uint8 -> windows for :meth:`forward_windows` (uint8 crops for a normalise
+        graph: a quarter of the float bytes go up)."""
+        norm = None if self.plan["normalise"] == GRAPH else self.norm
+        return prepare(rgb, self.params, self.patch, norm)
+
+    def finish(self, items: list[Prepared], logits: Any, with_probs: bool,
+               times: Optional[Timings] = None) -> list[Segmentation]:
+        """(sum of K, Q, N) logits of ``items`` (images of one size: a video batch, or one
+        image) -> one Segmentation each, at its original size."""
+        times = Timings() if times is None else times
+        if self.plan["output"] == NUMPY:
+            parts = np.split(self.host(logits), np.cumsum([len(i.windows) for i in items])[:-1])
+            return [finish(item, part, self.params, self.patch, self.vocab, with_probs, times)
+                    for item, part in zip(items, parts)]
+        first = items[0]
+        assert all(i.image_hw == first.image_hw and i.input_hw == first.input_hw
+                   for i in items), "one output graph run takes images of one size"
+        with times("output"):
+            rows, cols = self._merge_matrices(first)
+            out = self.run_graph(OUTPUT_PROBS if with_probs else "output", {
+                "logits": logits, "rows": rows, "cols": cols,
+                "prob_thd": np.array(self.params.prob_thd, dtype=np.float32)})
+            labels = out["labels"].astype(np.int32)
+        results = [Segmentation(labels[i], out["probs"][i] if with_probs else None,
+                                self.vocab.class_names) for i in range(len(items))]
+        for seg in results:
+            seg.timings = dict(times)
+        return results
+
+    def _merge_matrices(self, prepared: Prepared) -> tuple[np.ndarray, np.ndarray]:
+        """The output graph's rows and cols for one image geometry (cached: a video's frames
+        share it)."""
+        key = (prepared.input_hw, prepared.image_hw, prepared.window_hw)
+        if self._merge_key != key:
+            grid = tuple(side // self.patch for side in prepared.window_hw)
+            self._merge_cache = merge_matrices(prepared.boxes, prepared.input_hw,
+                                               prepared.image_hw, grid)
+            self._merge_key = key
+        return self._merge_cache
 
     def segment(self, rgb: np.ndarray, with_probs: bool = True) -> Segmentation:
         """RGB uint8 (H0, W0, 3) -> Segmentation at (H0, W0); ``with_probs=False`` skips the
         (C, H0, W0) probabilities (labels only, less memory)."""
-        return segment_image(rgb, self.params, self.patch, self.norm, self.vocab,
-                             self.run_windows, with_probs)
+        times = Timings()
+        with times("preprocess"):
+            prepared = self.prepare(rgb)
+        logits, _ = self.forward_windows(prepared.windows, times)
+        return self.finish([prepared], logits, with_probs, times)[0]
+
+
+def _stage_session(stage: str, manifest: Manifest, params: ResCLIPParams, vocab: Vocabulary,
+                   device: str, threads: Optional[int], cache_dir: Optional[str],
+                   profile_dir: Optional[str], probs: bool = False) -> ort.InferenceSession:
+    """A session of one stage graph, built for the settings and vocabulary of this run."""
+    model = stage_graphs.stage_model(stage, params, manifest.model.patch, vocab.query_to_class,
+                                     manifest.preprocess.norm, fp16=manifest.precision == "fp16",
+                                     probs=probs).SerializeToString()
+    # The stage graphs choose their own precision (fp16 PAMR for fp16 bundles, fp32
+    # thresholds and argmaxes): no fp16 engine over them.
+    gpu = dataclasses.replace(gpu_options(manifest, stage_graphs.input_names(model),
+                                          hashlib.sha256(model).hexdigest(), cache_dir),
+                              fp16=False)
+    prefix = os.path.join(profile_dir, stage + ("_probs" if probs else "")) \
+        if profile_dir else None
+    # The pre-pass graph is ~470 ops over (K, Q, h, w) masks: without the CPU arena each one
+    # faults in fresh pages (6 ADE20K windows on a CPU provider: 30 s -> 16 s).
+    return create_session(model, device, threads, gpu, prefix, arena=stage == "prepass")
+
+
+def check_overrides(overrides: dict[str, Any]) -> None:
+    unknown = set(overrides) - set(RUNTIME_SETTINGS)
+    if unknown:
+        raise UserError(f"{sorted(unknown)} are fixed in the exported graphs; only "
+                        f"{', '.join(RUNTIME_SETTINGS)} can change at run time (re-export "
+                        "for the others)")

@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 
 from resclip_deploy.errors import UserError
-from resclip_deploy.pipeline import Prepared, Timings, finish, prepare
+from resclip_deploy.pipeline import Prepared
 from resclip_deploy.postprocess import Segmentation
 
 from .segmenter import Segmenter
@@ -116,7 +116,6 @@ class _Item:
     index: int
     rgb: np.ndarray
     prepared: Prepared
-    logits: Optional[np.ndarray] = None
 
 
 @dataclass
@@ -128,6 +127,7 @@ class _Batch:
     windows: np.ndarray
     enc: Optional[dict[str, Any]] = None
     step: Any = None
+    logits: Any = None
 
 
 class VideoEngine:
@@ -163,7 +163,7 @@ class VideoEngine:
             for index, rgb in frames:
                 if stop.is_set():
                     break
-                queues[0].put(_Item(index, rgb, prepare(rgb, seg.params, seg.patch, seg.norm)))
+                queues[0].put(_Item(index, rgb, seg.prepare(rgb)))
             queues[0].put(_END)
 
         def encoder(items: list[_Item]) -> list[_Batch]:
@@ -173,18 +173,14 @@ class VideoEngine:
 
         def sfr(batches: list[_Batch]) -> list[_Batch]:
             for batch in batches:
-                batch.step = seg.refine(batch.enc, batch.windows, self.sfr_workers)
+                batch.step = seg.refine(batch.enc, self.sfr_workers)
             return batches
 
-        def head(batches: list[_Batch]) -> list[_Item]:
-            out = []
+        def head(batches: list[_Batch]) -> list[_Batch]:
             for batch in batches:
-                logits = seg.head(batch.enc, batch.step)
-                sizes = np.cumsum([len(i.prepared.windows) for i in batch.items])[:-1]
-                for item, part in zip(batch.items, np.split(logits, sizes)):
-                    item.logits = part
-                out.extend(batch.items)
-            return out
+                batch.logits = seg.head(batch.enc, batch.step)
+                batch.enc = batch.step = None
+            return batches
 
         threads = [threading.Thread(target=self._guard, args=(produce, stop, queues[0]),
                                     daemon=True, name=f"{THREAD_PREFIX}read"),
@@ -196,19 +192,20 @@ class VideoEngine:
         smoothed: Optional[np.ndarray] = None
         try:
             while True:
-                item = queues[3].get()
-                if item is _END:
+                batch = queues[3].get()
+                if batch is _END:
                     break
-                if isinstance(item, BaseException):
-                    raise item
-                result = finish(item.prepared, item.logits, seg.params, seg.patch, seg.vocab,
-                                self.smoothing is not None, Timings())
-                if self.smoothing is not None:
-                    smoothed = result.probs if smoothed is None else \
-                        self.smoothing * smoothed + (1 - self.smoothing) * result.probs
-                    result = Segmentation(smoothed.argmax(axis=0).astype(np.int32), smoothed,
-                                          result.class_names)
-                yield item.index, item.rgb, result
+                if isinstance(batch, BaseException):
+                    raise batch
+                results = seg.finish([i.prepared for i in batch.items], batch.logits,
+                                     self.smoothing is not None)
+                for item, result in zip(batch.items, results):
+                    if self.smoothing is not None:
+                        smoothed = result.probs if smoothed is None else \
+                            self.smoothing * smoothed + (1 - self.smoothing) * result.probs
+                        result = Segmentation(smoothed.argmax(axis=0).astype(np.int32),
+                                              smoothed, result.class_names)
+                    yield item.index, item.rgb, result
         finally:
             _shut_down(threads, queues, stop)
 

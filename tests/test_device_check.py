@@ -32,5 +32,9 @@ def test_device_check_runs_on_the_cpu(tmp_path):
         assert set(run["stages_s"]) == {"preprocess", "encoder", "sfr", "head", "merge",
                                         "output"}
         assert run["video"]["frames"] == 3 and run["video"]["labels_identical"]
+        assert run["stages"]["prepass"] == "numpy" and run["bytes_to_host"] > 0
+        [chain] = case["fused"]                      # the one-graph chain, same labels
+        assert "error" not in chain, chain
+        assert chain["labels_vs_cpu_fp32"] >= (0.9999 if case["precision"] == "fp32" else 0.9)
     fp16 = report["cases"][1]["runs"][0]
     assert 0.9 <= fp16["labels_vs_cpu_fp32"] <= 1.0

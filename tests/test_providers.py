@@ -60,7 +60,10 @@ def test_profiles_cover_every_image_shape(tiny_bundle, mode):
     rebuilds an engine for a new image."""
     m = read_bundle(str(tiny_bundle)).manifest
     m = m.replace(params=m.params.replace(mode=mode))
-    shapes = profile_shapes(m, ("pixels", "tokens", "rcs"))
+    shapes = profile_shapes(m, ("pixels", "tokens", "rcs", "frames", "prepass_logits",
+                                "patch_labels", "connected", "rows", "cols", "prob_thd"))
+    assert "prob_thd" not in shapes                      # a scalar: nothing dynamic
+    q = len(m.vocabulary.queries)
     rng = np.random.default_rng(0)
     sizes = [(300, 451), (1080, 1920), (1920, 1080), (50, 4000), (4000, 50), (224, 224)] + [
         tuple(rng.integers(40, 5000, size=2)) for _ in range(200)]
@@ -75,6 +78,15 @@ def test_profiles_cover_every_image_shape(tiny_bundle, mode):
         assert covered((len(boxes), 3, y2 - y1, x2 - x1), shapes["pixels"]), (h0, w0)
         assert covered((len(boxes), t, m.model.width), shapes["tokens"]), (h0, w0)
         assert covered((len(boxes), m.model.heads, t, t), shapes["rcs"]), (h0, w0)
+        # the stage graphs' inputs (resclip_deploy.stage_graphs)
+        gh, gw = (y2 - y1) // m.model.patch, (x2 - x1) // m.model.patch
+        ny, nx = len(np.unique(boxes[:, 0])), len(np.unique(boxes[:, 2]))
+        assert covered((len(boxes), y2 - y1, x2 - x1, 3), shapes["frames"]), (h0, w0)
+        assert covered((len(boxes), q, gh * gw), shapes["prepass_logits"]), (h0, w0)
+        assert covered((len(boxes), gh, gw), shapes["patch_labels"]), (h0, w0)
+        assert covered((len(boxes), gh * gw, gh * gw), shapes["connected"]), (h0, w0)
+        assert covered((h0, ny, gh), shapes["rows"]), (h0, w0)
+        assert covered((w0, nx, gw), shapes["cols"]), (h0, w0)
 
 
 REAL_SESSION = ort.InferenceSession
