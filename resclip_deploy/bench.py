@@ -201,7 +201,8 @@ def benchmark(bundle_dir: str, image: Optional[str] = None,
     ``image``: a file (default: the package's photo); ``size``: (H, W) to resize it to first.
     ``stages``: stage implementations over the device's defaults (resclip_deploy.stages).
     ``gpu_plan``: also run the GPU configuration's stages here once (every stage but
-    connectivity a graph) for its host time and host <-> device bytes.
+    connectivity a graph) for its host time and host <-> device bytes (a fresh segmenter's
+    first image: a text bank that is a graph input goes up with it).
     """
     from .runtime.segmenter import Segmenter
     if runs < 1 or warmup < 0 or reference_runs < 1:

@@ -53,6 +53,8 @@ class IOStats:
 DEVICE_RESIDENT = ("tokens", "rcs", "window")
 # The output graph's variant with probabilities (the plain one gives labels only).
 OUTPUT_PROBS = "output_probs"
+# One (frames, queries, rows, W0) float32 tensor of an output graph run: bands of rows beyond.
+OUTPUT_BAND_BYTES = 64 << 20
 # Settings applied on CPU between or after the graphs; a run may change them.
 RUNTIME_SETTINGS = ("connectivity", "prob_thd", "temp_thd")
 
@@ -336,14 +338,25 @@ class Segmenter:
         first = items[0]
         assert all(i.image_hw == first.image_hw and i.input_hw == first.input_hw
                    for i in items), "one output graph run takes images of one size"
+        frames, (h0, w0) = len(items), first.image_hw
+        names = self.vocab.class_names
+        labels = np.empty((frames, h0, w0), dtype=np.int32)
+        probs = np.empty((frames, len(names), h0, w0), dtype=np.float32) if with_probs else None
+        graph = OUTPUT_PROBS if with_probs else "output"
         with times("output"):
             rows, cols = self._merge_matrices(first)
-            out = self.run_graph(OUTPUT_PROBS if with_probs else "output", {
-                "logits": logits, "rows": rows, "cols": cols,
-                "prob_thd": np.array(self.params.prob_thd, dtype=np.float32)})
-            labels = out["labels"].astype(np.int32)
-        results = [Segmentation(labels[i], out["probs"][i] if with_probs else None,
-                                self.vocab.class_names) for i in range(len(items))]
+            # Row bands keep the graph's (F, Q, band, W0) tensors within a budget whatever
+            # the image size (a 24-megapixel photo would otherwise need ~16 GB).
+            band = max(1, OUTPUT_BAND_BYTES // (frames * len(self.vocab.queries) * w0 * 4))
+            for r0 in range(0, h0, band):
+                out = self.run_graph(graph, {
+                    "logits": logits, "rows": rows[r0:r0 + band], "cols": cols,
+                    "prob_thd": np.array(self.params.prob_thd, dtype=np.float32)})
+                labels[:, r0:r0 + band] = out["labels"]
+                if probs is not None:
+                    probs[:, :, r0:r0 + band] = out["probs"]
+        results = [Segmentation(labels[i], None if probs is None else probs[i], names)
+                   for i in range(frames)]
         for seg in results:
             seg.timings = dict(times)
         return results

@@ -65,25 +65,40 @@ def test_segment_inputs_refuses_videos_for_the_reference(tmp_path):
 def test_benchmark_reports_every_stage(tiny_bundle):
     from resclip_deploy.bench import STAGES, benchmark, format_report
     report = benchmark(str(tiny_bundle), size=(120, 160), runs=2, warmup=0, device="cpu",
-                       reference=False, sweep=True, traffic=True)
+                       reference=False, sweep=True, traffic=True, gpu_plan=True)
     assert report["input_hw"] == [336, 448] and report["windows"] == 6
     assert report["precision"] == "fp32"
     assert set(report["runtime"]["stages_s"]) == set(STAGES)
     assert all(v >= 0 for v in report["runtime"]["stages_s"].values())
     assert [r["windows"] for r in report["sweep"]] == [1, 2, 4, 8]
     ours = report["runtime"]
-    assert 0 < ours["host_s"] < ours["total_s"] and ours["graph_runs"] == 2
-    # up: 6 windows of 3x224x224 float32 pixels and the 6 SFR matrices (50x50 float32); the
-    # text bank went up with the first image only. down: the pre-pass and final logits,
-    # 6 x 3 queries x 49 patches each. Tokens, RCS map and window stay between the graphs.
-    assert ours["bytes_to_device"] == 6 * 3 * 224 * 224 * 4 + 6 * 50 * 50 * 4
-    assert ours["bytes_to_host"] == 2 * 6 * 3 * 49 * 4
+    # CPU plan: encoder, SFR matrix, head and output graphs (pre-pass and connectivity numpy)
+    assert 0 < ours["host_s"] < ours["total_s"] and ours["graph_runs"] == 4
+    # Patch 32: 7x7 grids (N = 49) per 224 window, 3 queries; the output's merge matrices are
+    # rows (120, 2, 7) and cols (160, 3, 7). The text bank went up with the first image only.
+    merge = (120 * 2 * 7 + 160 * 3 * 7) * 4
+    # up: 6 windows of 3x224x224 float32 pixels, patch labels and connectivity masks for the
+    # SFR matrix graph, the merge matrices. down: the pre-pass logits and uint8 labels.
+    # Tokens, RCS map, window, SFR bias and final logits stay between the graphs.
+    assert ours["bytes_to_device"] == 6 * 3 * 224 * 224 * 4 + 6 * 49 * 8 + 6 * 49 * 49 + merge
+    assert ours["bytes_to_host"] == 6 * 3 * 49 * 4 + 120 * 160
+    gpu = report["gpu_configuration"]
+    assert gpu["stages"]["prepass"] == "graph" and gpu["labels_agreement"] == 1.0
+    # GPU plan: uint8 crops and temp_thd up, patch labels down and back up with the masks; its
+    # one image is a fresh segmenter's first, so the text bank (3 x 64 float32) goes up too
+    assert gpu["bytes_to_device"] == (6 * 224 * 224 * 3 + 4 + 6 * 49 * 8 + 6 * 49 * 49 + merge
+                                      + 3 * 64 * 4)
+    assert gpu["bytes_to_host"] == 6 * 49 * 8 + 120 * 160
+    assert gpu["graph_runs"] == 6               # normalise, encoder, prepass, matrix, head, output
     text = format_report(report)
     assert "encoder" in text and "8 window(s)" in text and "reference" not in text
-    assert "host time outside graph runs" in text
+    assert "host time outside graph runs" in text and "GPU configuration" in text
     traffic = report["traffic"]
     # at least every graph output is a node output: the final logits alone are 6x3x49 floats
-    assert set(traffic["node_output_bytes"]) == {"encoder", "head"}
+    assert set(traffic["node_output_bytes"]) == {"normalise", "encoder", "prepass",
+                                                 "sfr_matrix", "head", "output", "output_probs"}
+    assert traffic["pamr_bytes"] > 10 * 6 * 3 * 224 * 224 * 4     # 10 iterations of masks
+    assert 0 < traffic["pamr_share"] < 1
     assert traffic["node_output_bytes"]["head"] > 6 * 3 * 49 * 4
     assert traffic["implied_gpu_ms"] == pytest.approx(1e3 * traffic["total_bytes"] / 4e12)
     assert "graph node outputs per image" in text

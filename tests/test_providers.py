@@ -2,6 +2,7 @@
 engines for fp16 bundles, engine/timing caches, optimisation profiles from the bundle's
 settings, CUDA options that keep fp32 parity, int8 bundles kept off GPUs."""
 
+import hashlib
 import json
 import shutil
 
@@ -117,17 +118,26 @@ def test_tensorrt_sessions_get_cuda_behind_them_and_their_options(tiny_bundle, t
     FakeGpuSession.requested = []
     seg = Segmenter.from_bundle(str(tiny_bundle), device="tensorrt", cache_dir=str(tmp_path))
     manifest = seg.bundle.manifest
-    assert len(FakeGpuSession.requested) == 2
+    # the two bundle graphs and the stage graphs of the GPU plan (output: labels, +probs)
+    assert len(FakeGpuSession.requested) == 7
+    assert sorted(seg.sessions) == ["encoder", "head", "normalise", "output", "output_probs",
+                                    "prepass", "sfr_matrix"]
     for path, chain in FakeGpuSession.requested:
-        name = next(g for g, e in manifest.graphs.items() if path.endswith(e.file))
         assert [p for p, _ in chain] == [TRT, CUDA, CPU]
         trt, cuda = dict(chain[0][1]), dict(chain[1][1])
-        folder = tmp_path / manifest.files[manifest.graphs[name].file].sha256[:16]
+        if isinstance(path, bytes):                  # a stage graph, built at load
+            folder = tmp_path / hashlib.sha256(path).hexdigest()[:16]
+            assert trt["trt_fp16_enable"] == "0"     # stage graphs choose their precision
+            assert trt["trt_profile_max_shapes"]     # every dynamic input has a profile
+        else:
+            name = next(g for g, e in manifest.graphs.items() if path.endswith(e.file))
+            folder = tmp_path / manifest.files[manifest.graphs[name].file].sha256[:16]
+            first = "pixels" if name == "encoder" else "tokens"
+            assert trt["trt_profile_max_shapes"].startswith(f"{first}:40x")
         assert trt["trt_engine_cache_path"] == str(folder) and folder.is_dir()
         assert trt["trt_fp16_enable"] == "0" and cuda["use_tf32"] == "0"
-        first = "pixels" if name == "encoder" else "tokens"
-        assert trt["trt_profile_max_shapes"].startswith(f"{first}:40x")
     assert seg.device_type == "cuda"
+    assert seg.plan["prepass"] == "graph" and seg.plan["connectivity"] == "numpy"
 
 
 def test_auto_puts_cuda_behind_tensorrt(tiny_bundle, tmp_path, monkeypatch):
