@@ -84,10 +84,9 @@ def test_benchmark_reports_every_stage(tiny_bundle):
     assert ours["bytes_to_host"] == 6 * 3 * 49 * 4 + 120 * 160
     gpu = report["gpu_configuration"]
     assert gpu["stages"]["prepass"] == "graph" and gpu["labels_agreement"] == 1.0
-    # GPU plan: uint8 crops and temp_thd up, patch labels down and back up with the masks; its
-    # one image is a fresh segmenter's first, so the text bank (3 x 64 float32) goes up too
-    assert gpu["bytes_to_device"] == (6 * 224 * 224 * 3 + 4 + 6 * 49 * 8 + 6 * 49 * 49 + merge
-                                      + 3 * 64 * 4)
+    # GPU plan: uint8 crops and temp_thd up, patch labels down and back up with the masks
+    assert gpu["bytes_to_device"] == 6 * 224 * 224 * 3 + 4 + 6 * 49 * 8 + 6 * 49 * 49 + merge
+    assert 0 < gpu["host_s"] and 0 < gpu["first_image_host_s"]
     assert gpu["bytes_to_host"] == 6 * 49 * 8 + 120 * 160
     assert gpu["graph_runs"] == 6               # normalise, encoder, prepass, matrix, head, output
     text = format_report(report)
