@@ -102,6 +102,35 @@ def time_reference(bundle: str, rgb: np.ndarray, runs: int) -> dict[str, Any]:
     return out
 
 
+def time_floor(segmenter: Any, bundle: str, rgb: np.ndarray, runs: int, device: str,
+               threads: Optional[int]) -> dict[str, Any]:
+    """The floor: a plain ViT tower of the bundle's size (export/floor.py, in a subprocess with
+    torch) on this image's windows, in ONNX Runtime in this process with the runtime's own
+    session options; median seconds per image over ``runs`` after a warm-up."""
+    from .runtime.providers import create_session
+    windows = prepare(rgb, segmenter.params, segmenter.patch, segmenter.norm).windows
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "floor.onnx")
+        args = json.dumps({"bundle": os.path.abspath(bundle), "hw": list(windows.shape[2:]),
+                           "batch": len(windows), "out": path})
+        result = subprocess.run([sys.executable, "-m", "resclip_deploy.export.floor", args],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            tail = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise UserError(f"the floor's plain ViT tower could not be exported ({tail}); it "
+                            "needs the [export] extra, or use --no-floor")
+        session = create_session(path, device, threads)
+        name = session.get_inputs()[0].name
+        session.run(None, {name: windows})
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            session.run(None, {name: windows})
+            times.append(time.perf_counter() - start)
+    return {"floor_s": statistics.median(times), "windows": len(windows),
+            "providers": session.get_providers()}
+
+
 # HBM bandwidth of an H200-class GPU: graph traffic / this = the time it implies, unfused.
 GPU_BYTES_PER_S = 4e12
 
@@ -194,7 +223,7 @@ def benchmark(bundle_dir: str, image: Optional[str] = None,
               reference_runs: int = 1, sweep: bool = False, video_frames: Optional[int] = None,
               frames_per_batch: Optional[int] = None, traffic: bool = False,
               stages: Optional[dict[str, str]] = None, gpu_plan: bool = False,
-              ) -> dict[str, Any]:
+              floor: bool = False) -> dict[str, Any]:
     """``resclip-bench``: time a bundle per stage (and optionally the torch reference on the
     same image, 1/2/4/8 windows, a synthetic video) -> the report :func:`format_report` shows.
 
@@ -202,6 +231,8 @@ def benchmark(bundle_dir: str, image: Optional[str] = None,
     ``stages``: stage implementations over the device's defaults (resclip_deploy.stages).
     ``gpu_plan``: also run the GPU configuration's stages here on two images (every stage but
     connectivity a graph) for its host time and host <-> device bytes.
+    ``floor``: also time a plain ViT tower of the bundle's size on the same windows (needs
+    torch to export it) and report the runtime / floor ratio.
     """
     from .runtime.segmenter import Segmenter
     if runs < 1 or warmup < 0 or reference_runs < 1:
@@ -224,6 +255,9 @@ def benchmark(bundle_dir: str, image: Optional[str] = None,
                     "peak_rss_mb": peak_rss_mb(),
                     **{k: ours[k] for k in ("host_s", "graph_runs", "bytes_to_device",
                                             "bytes_to_host")}}}
+    if floor:
+        report["floor"] = time_floor(segmenter, bundle_dir, rgb, runs, device, threads)
+        report["floor"]["ratio"] = ours["total_s"] / report["floor"]["floor_s"]
     if gpu_plan:
         gpu = Segmenter.from_bundle(bundle_dir, device=device, threads=threads, stages=GPU_PLAN)
         # A fresh segmenter's first image (per-size merge matrices to make, the text bank of a
@@ -275,6 +309,11 @@ def format_report(report: dict[str, Any]) -> str:
                  f"{ours['graph_runs']} graph runs; into / out of the graphs with these stages: "
                  f"{ours['bytes_to_device'] / 1e6:.2f} MB up, {ours['bytes_to_host'] / 1e6:.2f} "
                  "MB down")
+    f = report.get("floor")
+    if f:
+        lines.append(f"floor (a plain ViT tower of this size on the same {f['windows']} "
+                     f"window(s), ONNX Runtime): {f['floor_s']:.3f} s; runtime / floor: "
+                     f"{f['ratio']:.2f}x")
     g = report.get("gpu_configuration")
     if g:
         lines.append(f"GPU configuration (all stages but connectivity as graphs, run here): "
@@ -330,19 +369,22 @@ def format_report(report: dict[str, Any]) -> str:
 @click.option("--gpu-plan", is_flag=True,
               help="Also run the GPU configuration's stages here on two images: its host time "
                    "outside graph runs and host <-> device bytes.")
+@click.option("--floor/--no-floor", default=True, show_default=True,
+              help="Also time a plain ViT tower of the bundle's size on the same windows "
+                   "(exported with torch in a subprocess) and print runtime / floor.")
 @click.option("--json", "json_out", default=None, help="Write the results as JSON here.")
 @user_errors
 def bench_main(bundle_dir: str, image: Optional[str], size: Optional[str], runs: int,
                warmup: int, device: str, threads: Optional[int], reference: bool,
                reference_runs: int, sweep: bool, video_frames: Optional[int],
                frames_per_batch: Optional[int], traffic: bool, stages_text: Optional[str],
-               gpu_plan: bool, json_out: Optional[str]) -> None:
+               gpu_plan: bool, floor: bool, json_out: Optional[str]) -> None:
     """Time a bundle per stage against the torch reference; report peak memory, host time
     outside graph runs and host <-> device bytes."""
     _setup_logging(quiet=True)
     report = benchmark(bundle_dir, image, _size(size), runs, warmup, device, threads, reference,
                        reference_runs, sweep, video_frames, frames_per_batch, traffic,
-                       parse_stages(stages_text), gpu_plan)
+                       parse_stages(stages_text), gpu_plan, floor)
     click.echo(format_report(report))
     if json_out:
         write_json(json_out, report)

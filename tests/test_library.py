@@ -108,9 +108,26 @@ def test_benchmark_against_the_reference(bundle_for):
     """The torch reference runs in a subprocess on the same image: labels agree."""
     from resclip_deploy.bench import benchmark, format_report
     bundle = bundle_for(case_by_name("voc20_chelsea_clip"))
-    report = benchmark(str(bundle), runs=1, warmup=0, device="cpu")
+    report = benchmark(str(bundle), runs=1, warmup=0, device="cpu", floor=True)
     assert report["labels_agreement"] >= 0.995 and report["speedup"] > 0
-    assert "reference / runtime" in format_report(report)
+    text = format_report(report)
+    assert "reference / runtime" in text
+    # the floor: a plain tower of the bundle's size on the image's one (whole-mode) window
+    floor = report["floor"]
+    assert floor["windows"] == report["windows"] == 1 and floor["floor_s"] > 0
+    assert floor["ratio"] == pytest.approx(report["runtime"]["total_s"] / floor["floor_s"])
+    assert "runtime / floor" in text
+
+
+def test_the_floor_tower_has_the_bundles_size(tiny_bundle):
+    from resclip_deploy.bundle import read_bundle
+    from resclip_deploy.export.floor import mlp_width, plain_tower
+    m = read_bundle(str(tiny_bundle)).manifest.model
+    assert mlp_width(str(tiny_bundle / "encoder.onnx"), m.width) == 4 * 128
+    tower = plain_tower(str(tiny_bundle), (224, 224))
+    assert len(tower.transformer.resblocks) == m.depth == 4
+    assert tower.transformer.width == m.width and tower.conv1.kernel_size == (32, 32)
+    assert tower.proj.shape == (m.width, m.embed_dim)
 
 
 def test_the_text_bank_goes_up_once(tiny_bundle):
