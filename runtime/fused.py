@@ -27,7 +27,7 @@ from resclip_deploy.geometry import merge_matrices
 from resclip_deploy.params import ResCLIPParams
 from resclip_deploy.pipeline import prepare
 
-ENCODER_OUT = ("tokens", "rcs", "window")
+from .segmenter import DEVICE_RESIDENT
 
 
 def fused_model(bundle_dir: str, connectivity: Optional[str] = None) -> onnx.ModelProto:
@@ -62,7 +62,7 @@ def fused_model(bundle_dir: str, connectivity: Optional[str] = None) -> onnx.Mod
         chain = join(chain, stage("output"), "output", [("segmenter/logits", "logits")],
                      ["output/labels", "output/probs"])
         return _plain_names(chain)
-    kept = [o.name for o in graphs["encoder"].graph.output if o.name in ENCODER_OUT]
+    kept = [o.name for o in graphs["encoder"].graph.output if o.name in DEVICE_RESIDENT]
     enc = [f"encoder/{n}" for n in kept]
     chain = join(stage("normalise"), graphs["encoder"], "encoder", [("windows", "pixels")],
                  ["windows", *enc, "encoder/prepass_logits"])
