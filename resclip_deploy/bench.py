@@ -107,7 +107,7 @@ def time_floor(segmenter: Any, bundle: str, rgb: np.ndarray, runs: int, device: 
     """The floor: a plain ViT tower of the bundle's size (export/floor.py, in a subprocess with
     torch) on this image's windows, in ONNX Runtime in this process with the runtime's own
     session options; median seconds per image over ``runs`` after a warm-up."""
-    from .runtime.providers import create_session
+    from .runtime.providers import OPENVINO_DEVICES, create_session
     windows = prepare(rgb, segmenter.params, segmenter.patch, segmenter.norm).windows
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "floor.onnx")
@@ -119,7 +119,8 @@ def time_floor(segmenter: Any, bundle: str, rgb: np.ndarray, runs: int, device: 
             tail = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
             raise UserError(f"the floor's plain ViT tower could not be exported ({tail}); it "
                             "needs the [export] extra, or use --no-floor")
-        session = create_session(path, device, threads)
+        # ONNX Runtime's CPU provider on a CPU, whichever runtime the bundle ran on
+        session = create_session(path, "cpu" if device in OPENVINO_DEVICES else device, threads)
         name = session.get_inputs()[0].name
         session.run(None, {name: windows})
         times = []

@@ -21,9 +21,14 @@ from resclip_deploy import geometry
 from resclip_deploy.bundle import Manifest
 from resclip_deploy.errors import UserError
 
+from .openvino import PRECISIONS as OPENVINO_PRECISIONS
+from .openvino import OpenVINOSession
+
+OPENVINO_DEVICES = tuple(OPENVINO_PRECISIONS)
+
 log = logging.getLogger("resclip_deploy")
 
-DEVICES = ("auto", "cpu", "cuda", "tensorrt")
+DEVICES = ("auto", "cpu", "cuda", "tensorrt", *OPENVINO_DEVICES)
 TRT, CUDA, CPU = "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"
 PROVIDER_CHAINS = {"tensorrt": [TRT, CUDA, CPU], "cuda": [CUDA, CPU], "cpu": [CPU]}
 _GPU_LIBRARIES = {TRT: "TensorRT (libnvinfer) with CUDA and cuDNN",
@@ -135,11 +140,12 @@ def _axis_profile(p, patch: int, level: int) -> Shape:
     return ((1, 480, 8192)[level], along, (1, p.crop // patch, p.crop // patch)[level])
 
 
-def default_cache_dir() -> str:
-    """TensorRT engines and timing caches: $RESCLIP_CACHE_DIR, else the user's cache folder."""
+def default_cache_dir(kind: str = "tensorrt") -> str:
+    """TensorRT engines and timing caches, or OpenVINO's compiled graphs (``kind``):
+    $RESCLIP_CACHE_DIR, else the user's cache folder."""
     root = os.environ.get("RESCLIP_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "resclip-deploy")
-    return os.path.join(root, "tensorrt")
+    return os.path.join(root, kind)
 
 
 def gpu_options(manifest: Manifest, inputs: tuple[str, ...], graph_sha256: str,
@@ -154,7 +160,7 @@ def gpu_options(manifest: Manifest, inputs: tuple[str, ...], graph_sha256: str,
 def check_device_for_precision(device: str, precision: str) -> str:
     """int8 (dynamic) bundles use integer kernels that exist on CPUs only: an explicit GPU is
     refused with the advice, and 'auto' stays on the CPU (said in the log)."""
-    if precision != "int8" or device == "cpu":
+    if precision != "int8" or device == "cpu" or device in OPENVINO_DEVICES:
         return device
     if device == "auto":
         log.info("int8 bundle: running on CPU (its integer ops have no GPU kernels; export "
@@ -188,8 +194,10 @@ def session_options(threads: Optional[int], profile_prefix: Optional[str] = None
 
 def create_session(path: str | bytes, device: str, threads: Optional[int],
                    gpu: Optional[GpuOptions] = None, profile_prefix: Optional[str] = None,
-                   arena: bool = False) -> ort.InferenceSession:
+                   arena: bool = False) -> "ort.InferenceSession | OpenVINOSession":
     """An ONNX Runtime session on ``device``; a requested GPU that does not bind is an error.
+    ``openvino``/``openvino-bf16``: an OpenVINO session instead (runtime/openvino.py; no
+    profiles, its compiled graphs cached under default_cache_dir('openvino')).
 
     onnxruntime-gpu lists GPU providers without a GPU and silently runs on CPU, so the providers
     that actually bound (``get_providers()``) decide. ``auto`` tries TensorRT (CUDA behind it),
@@ -198,6 +206,8 @@ def create_session(path: str | bytes, device: str, threads: Optional[int],
     """
     if device not in DEVICES:
         raise UserError(f"--device {device!r} is not known; choose one of {', '.join(DEVICES)}")
+    if device in OPENVINO_DEVICES:
+        return OpenVINOSession(path, device, threads, default_cache_dir("openvino"))
     options = session_options(threads, profile_prefix, arena)
     gpu = gpu or GpuOptions()
     available = ort.get_available_providers()
@@ -228,10 +238,26 @@ def create_session(path: str | bytes, device: str, threads: Optional[int],
     return ort.InferenceSession(path, options, providers=[CPU])
 
 
-def device_of(session: ort.InferenceSession) -> str:
+def device_of(session: "ort.InferenceSession | OpenVINOSession") -> str:
     """The --device value that names the provider the session runs on."""
+    if isinstance(session, OpenVINOSession):
+        return session.device
     first = session.get_providers()[0]
     return next(name for name, chain in PROVIDER_CHAINS.items() if chain[0] == first)
+
+
+def full_precision(device: str) -> str:
+    """The device for graphs that choose their own precision (the text tower, the stage
+    graphs): OpenVINO's bf16 mode would lower them too."""
+    return "openvino" if device == "openvino-bf16" else device
+
+
+def memory_of(session: "ort.InferenceSession | OpenVINOSession") -> str:
+    """Where the session's inputs and outputs live: 'cpu' (ONNX Runtime's CPU provider and
+    OpenVINO on the CPU) or 'cuda'."""
+    if isinstance(session, OpenVINOSession) or session.get_providers()[0] == CPU:
+        return "cpu"
+    return "cuda"
 
 
 def _try_session(path: str | bytes, options: ort.SessionOptions, providers: list[str],

@@ -32,7 +32,9 @@ from resclip_deploy.sfr import connectivity_mask, masked_sfr_matrix, sfr_bias
 from resclip_deploy.stages import GRAPH, NUMPY, choose
 from resclip_deploy.vocab import Vocabulary
 
-from .providers import check_device_for_precision, create_session, device_of, gpu_options
+from .openvino import OpenVINOSession
+from .providers import (check_device_for_precision, create_session, device_of,
+                        full_precision, gpu_options, memory_of)
 from .text import TextEncoder
 
 log = logging.getLogger("resclip_deploy")
@@ -86,8 +88,7 @@ class Segmenter:
         check_overrides(overrides)
         self.bundle, self.sessions, self.text = bundle, sessions, text
         # 'cuda' when the graphs run on a GPU provider, else 'cpu' (read once: run_graph asks)
-        first = next(iter(sessions.values())).get_providers()[0]
-        self.device_type = "cpu" if first == "CPUExecutionProvider" else "cuda"
+        self.device_type = memory_of(next(iter(sessions.values())))
         manifest = bundle.manifest
         self.params = manifest.params.replace(**overrides)
         self.plan = plan or choose(self.device_type, self.params.sfr)
@@ -139,7 +140,7 @@ class Segmenter:
             device = device_of(sessions[name])
         params = manifest.params.replace(**overrides)
         vocab = classes or manifest.vocabulary
-        plan = choose("cpu" if device == "cpu" else "cuda", params.sfr, stages)
+        plan = choose(memory_of(sessions[graphs[0]]), params.sfr, stages)
         for stage in (s for s, impl in plan.items() if impl == GRAPH):
             sessions[stage] = _stage_session(stage, manifest, params, vocab, device, threads,
                                              cache_dir, profile_dir)
@@ -155,7 +156,7 @@ class Segmenter:
             spec = manifest.text_encoder
             # The text tower is an fp32 graph in every bundle: no fp16 engine for it.
             gpu = gpu_options(manifest, (), manifest.files[spec.graph].sha256, cache_dir)
-            session = create_session(bundle.file(spec.graph), device, threads,
+            session = create_session(bundle.file(spec.graph), full_precision(device), threads,
                                      dataclasses.replace(gpu, fp16=False))
             bundle.check_session("text_encoder", session)
             encoder = TextEncoder(Tokenizer.from_file(bundle.file(spec.tokenizer)), session, spec)
@@ -168,36 +169,26 @@ class Segmenter:
 
     def run_graph(self, graph: str, feeds: dict[str, Any],
                   keep_on_device: tuple[str, ...] = ()) -> dict[str, Any]:
-        """Run one graph with I/O binding; feeds it does not take are dropped, the text bank
-        added. Outputs are numpy arrays, except those named in ``keep_on_device``, which stay
-        on the GPU as OrtValues (for the next graph) when the session runs on one.
+        """Run one graph (I/O binding on ONNX Runtime); feeds it does not take are dropped, the
+        text bank added. Outputs are numpy arrays, except those named in ``keep_on_device``,
+        which stay on the GPU as OrtValues (for the next graph) when the session runs on one.
 
         feeds: numpy arrays or OrtValues (bound where they live, no copy).
         """
         session = self.sessions[graph]
         if self.text is not None:
             feeds = {**feeds, "text": self._text_value()}
-        binding = session.io_binding()
-        device = self.device_type
-        for arg in session.get_inputs():
-            value = feeds[arg.name]
-            if isinstance(value, ort.OrtValue):
-                binding.bind_ortvalue_input(arg.name, value)
-                continue
-            if arg.name != "text" and not self._is_resident(value):
+        inputs = {arg.name: feeds[arg.name] for arg in session.get_inputs()}
+        for name, value in inputs.items():
+            if name != "text" and not isinstance(value, ort.OrtValue) \
+                    and not self._is_resident(value):
                 self._count(to_device=np.asarray(value).nbytes)
-            binding.bind_cpu_input(arg.name, np.ascontiguousarray(value))
-        names = [o.name for o in session.get_outputs()]
-        for name in names:
-            if name in keep_on_device and device != "cpu":
-                binding.bind_output(name, device)
-            else:
-                binding.bind_output(name)
-        start = time.perf_counter()
-        session.run_with_iobinding(binding)
-        seconds = time.perf_counter() - start
-        out = {name: value if name in keep_on_device and device != "cpu" else value.numpy()
-               for name, value in zip(names, binding.get_outputs())}
+        if isinstance(session, OpenVINOSession):
+            start = time.perf_counter()
+            out = dict(zip((o.name for o in session.get_outputs()), session.run(None, inputs)))
+            seconds = time.perf_counter() - start
+        else:
+            out, seconds = self._run_bound(session, inputs, keep_on_device)
         # What stays on a GPU is not a transfer; on a CPU session the same arrays are marked so
         # that the next graph does not count them as uploads either.
         with self._lock:
@@ -207,6 +198,28 @@ class Segmenter:
         self._count(graph_s=seconds, runs=1,
                     to_host=sum(v.nbytes for n, v in out.items() if n not in keep_on_device))
         return out
+
+    def _run_bound(self, session: ort.InferenceSession, inputs: dict[str, Any],
+                   keep_on_device: tuple[str, ...]) -> tuple[dict[str, Any], float]:
+        """One ONNX Runtime run with I/O binding -> outputs, seconds inside the run."""
+        binding = session.io_binding()
+        on_gpu = self.device_type != "cpu"
+        for name, value in inputs.items():
+            if isinstance(value, ort.OrtValue):
+                binding.bind_ortvalue_input(name, value)
+            else:
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        names = [o.name for o in session.get_outputs()]
+        for name in names:
+            if name in keep_on_device and on_gpu:
+                binding.bind_output(name, self.device_type)
+            else:
+                binding.bind_output(name)
+        start = time.perf_counter()
+        session.run_with_iobinding(binding)
+        seconds = time.perf_counter() - start
+        return {name: value if name in keep_on_device and on_gpu else value.numpy()
+                for name, value in zip(names, binding.get_outputs())}, seconds
 
     def _is_resident(self, value: Any) -> bool:
         with self._lock:
@@ -398,7 +411,8 @@ def _stage_session(stage: str, manifest: Manifest, params: ResCLIPParams, vocab:
         if profile_dir else None
     # The pre-pass graph is ~470 ops over (K, Q, h, w) masks: without the CPU arena each one
     # faults in fresh pages (6 ADE20K windows on a CPU provider: 30 s -> 16 s).
-    return create_session(model, device, threads, gpu, prefix, arena=stage == "prepass")
+    return create_session(model, full_precision(device), threads, gpu, prefix,
+                          arena=stage == "prepass")
 
 
 def check_overrides(overrides: dict[str, Any]) -> None:
