@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import time
 from importlib import metadata, resources
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import onnx
@@ -47,7 +47,7 @@ log = logging.getLogger("resclip_deploy")
 # Bounds against the fp32 torch reference on the verification photo: (logits max abs diff,
 # label agreement). int8 is opt-in and only reported: dynamic int8 trades agreement for speed.
 THRESHOLDS: dict[str, Optional[tuple[float, float]]] = {
-    "fp32": (1e-3, 0.995), "fp16": (5e-2, 0.98), "int8": None}
+    "fp32": (1e-3, 0.995), "fp16": (5e-2, 0.98), "int8": None, "int8-static": None}
 
 
 class VerificationError(RuntimeError):
@@ -62,14 +62,17 @@ def verification_photo() -> np.ndarray:
 
 def export_bundle(clip: LoadedCLIP, vocab: Vocabulary, params: ResCLIPParams, out_dir: str,
                   precision: str = "fp32", text_encoder: bool = False, force: bool = False,
-                  progress: Optional[Callable[[int, int], None]] = None) -> Manifest:
+                  progress: Optional[Callable[[int, int], None]] = None,
+                  calibration: Optional[Sequence[np.ndarray]] = None) -> Manifest:
     """Write a verified bundle to ``out_dir``; returns its manifest.
 
     ``text_encoder``: also export the text tower and tokenizer; the text bank then becomes a
     graph input stored beside the graphs, so a runtime can swap vocabularies.
+    ``calibration``: RGB photos for ``int8-static`` (default: the package's photo).
     """
     if precision not in THRESHOLDS:
-        raise UserError(f"--precision {precision!r} is not known; choose fp32, fp16 or int8")
+        raise UserError(f"--precision {precision!r} is not known; choose one of "
+                        f"{', '.join(THRESHOLDS)}")
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and not force:
         raise UserError(f"{out_dir} exists; pass --force to replace it")
@@ -77,7 +80,8 @@ def export_bundle(clip: LoadedCLIP, vocab: Vocabulary, params: ResCLIPParams, ou
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", suffix=".tmp", dir=parent)
     try:
-        manifest = _build(clip, vocab, params, tmp, precision, text_encoder, progress)
+        manifest = _build(clip, vocab, params, tmp, precision, text_encoder, progress,
+                          calibration)
         os.chmod(tmp, 0o777 & ~current_umask())     # mkdtemp makes 0700; a bundle is shared data
         _replace_dir(tmp, out_dir)
     except BaseException:
@@ -99,7 +103,8 @@ def _replace_dir(tmp: str, out_dir: str) -> None:
 
 
 def _build(clip: LoadedCLIP, vocab: Vocabulary, params: ResCLIPParams, folder: str,
-           precision: str, text_input: bool, progress) -> Manifest:
+           precision: str, text_input: bool, progress,
+           calibration: Optional[Sequence[np.ndarray]]) -> Manifest:
     text_spec = _export_text_encoder(clip, vocab, folder) if text_input else None
     started = time.perf_counter()
     bank = text_bank(clip.model, clip.tokenizer, vocab.queries, progress=progress)
@@ -132,6 +137,15 @@ def _build(clip: LoadedCLIP, vocab: Vocabulary, params: ResCLIPParams, folder: s
         package_version=__version__,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         versions=_versions(), timings_s={"text_bank": round(bank_seconds, 2)})
+    if precision == "int8-static":
+        # Calibration runs the fp32 graphs through the runtime: a provisional fp32 manifest.
+        write_manifest(folder, manifest.replace(precision="fp32"))
+        feeds = calibration_feeds(folder, calibration or [verification_photo()])
+        for name in graphs:
+            quantize_int8_static(os.path.join(folder, graphs[name].file), feeds[name])
+            onnx.checker.check_model(os.path.join(folder, graphs[name].file), full_check=True)
+            graphs[name] = _graph_entry(os.path.join(folder, graphs[name].file))
+        manifest = manifest.replace(graphs=graphs, files=file_entries(folder))
     write_manifest(folder, manifest)
     verification = verify_bundle(folder, net, bank, vocab, params, precision)
     if text_input:
@@ -169,6 +183,46 @@ def quantize_int8(path: str) -> None:
     tmp = path + ".int8"
     quantize_dynamic(path, tmp, weight_type=QuantType.QInt8, per_channel=True,
                      op_types_to_quantize=["MatMul", "Gemm"])
+    os.replace(tmp, path)
+
+
+def calibration_feeds(folder: str, photos: Sequence[np.ndarray]) -> dict[str, list[dict]]:
+    """Every graph's inputs as the fp32 bundle in ``folder`` computes them on ``photos``: the
+    encoder gets windows, the head what the encoder and the SFR step give it."""
+    runtime = Segmenter.from_bundle(folder, device="cpu")
+    graphs = set(runtime.bundle.manifest.graphs)
+    feeds: dict[str, list[dict]] = {name: [] for name in graphs}
+    run_graph = runtime.run_graph
+
+    def recording(graph: str, given: dict[str, Any], keep_on_device: tuple[str, ...] = ()):
+        if graph in graphs:
+            given = {**given, "text": runtime.text} if runtime.text is not None else given
+            feeds[graph].append({a.name: np.array(given[a.name])
+                                 for a in runtime.sessions[graph].get_inputs()})
+        return run_graph(graph, given, keep_on_device)
+    runtime.run_graph = recording
+    for photo in photos:
+        runtime.segment(photo)
+    return feeds
+
+
+def quantize_int8_static(path: str, feeds: list[dict[str, np.ndarray]]) -> None:
+    """Static int8 in QDQ form, in place: per-channel int8 weights, uint8 activations with
+    scales from the min/max of ``feeds`` (the calibration photos' inputs of this graph)."""
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod,
+                                          QuantFormat, QuantType, quantize_static)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter(feeds)
+
+        def get_next(self) -> Optional[dict[str, np.ndarray]]:
+            return next(self.batches, None)
+    tmp = path + ".int8"
+    quantize_static(path, tmp, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
+                    op_types_to_quantize=["MatMul", "Gemm"],
+                    calibrate_method=CalibrationMethod.MinMax)
     os.replace(tmp, path)
 
 

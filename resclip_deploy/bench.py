@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 from importlib import resources
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import click
 import cv2
@@ -100,6 +100,24 @@ def time_reference(bundle: str, rgb: np.ndarray, runs: int) -> dict[str, Any]:
         out = json.loads(result.stdout.strip().splitlines()[-1])
         out["labels"] = np.load(labels)
     return out
+
+
+def labels_agreement(segmenter: Any, baseline_dir: str, threads: Optional[int],
+                     images: Sequence[np.ndarray], names: Sequence[str]) -> dict[str, Any]:
+    """The fraction of pixels whose label equals the fp32 baseline's (ONNX Runtime, CPU), per
+    image and over all pixels."""
+    from .runtime.segmenter import Segmenter
+    baseline = Segmenter.from_bundle(baseline_dir, device="cpu", threads=threads)
+    if baseline.bundle.manifest.precision != "fp32":
+        raise UserError(f"--against {baseline_dir}: an {baseline.bundle.manifest.precision} "
+                        "bundle; the baseline must be fp32")
+    equal, total, per = 0, 0, {}
+    for name, rgb in zip(names, images):
+        same = segmenter.segment(rgb, with_probs=False).labels == \
+            baseline.segment(rgb, with_probs=False).labels
+        equal, total = equal + int(same.sum()), total + same.size
+        per[os.path.basename(name)] = float(same.mean())
+    return {"baseline": os.path.abspath(baseline_dir), "images": per, "all": equal / total}
 
 
 def time_floor(segmenter: Any, bundle: str, rgb: np.ndarray, runs: int, device: str,
@@ -224,7 +242,8 @@ def benchmark(bundle_dir: str, image: Optional[str] = None,
               reference_runs: int = 1, sweep: bool = False, video_frames: Optional[int] = None,
               frames_per_batch: Optional[int] = None, traffic: bool = False,
               stages: Optional[dict[str, str]] = None, gpu_plan: bool = False,
-              floor: bool = False) -> dict[str, Any]:
+              floor: bool = False, against: Optional[str] = None,
+              agreement_images: Sequence[str] = ()) -> dict[str, Any]:
     """``resclip-bench``: time a bundle per stage (and optionally the torch reference on the
     same image, 1/2/4/8 windows, a synthetic video) -> the report :func:`format_report` shows.
 
@@ -234,7 +253,11 @@ def benchmark(bundle_dir: str, image: Optional[str] = None,
     connectivity a graph) for its host time and host <-> device bytes.
     ``floor``: also time a plain ViT tower of the bundle's size on the same windows (needs
     torch to export it) and report the runtime / floor ratio.
+    ``against``: an fp32 bundle (e.g. of an int8 one) whose labels on ONNX Runtime's CPU
+    provider this run's are compared with, on ``agreement_images`` (default: the timed image).
+    OpenVINO runs are always compared, with this bundle when ``against`` is not given.
     """
+    from .runtime.providers import OPENVINO_DEVICES
     from .runtime.segmenter import Segmenter
     if runs < 1 or warmup < 0 or reference_runs < 1:
         raise UserError("--runs and --reference-runs must be at least 1, --warmup at least 0")
@@ -259,6 +282,12 @@ def benchmark(bundle_dir: str, image: Optional[str] = None,
     if floor:
         report["floor"] = time_floor(segmenter, bundle_dir, rgb, runs, device, threads)
         report["floor"]["ratio"] = ours["total_s"] / report["floor"]["floor_s"]
+    if against or device in OPENVINO_DEVICES:
+        # after peak RSS was read: the baseline's graphs are not this run's memory
+        report["agreement"] = labels_agreement(segmenter, against or bundle_dir, threads,
+                                               [rgb] if not agreement_images else
+                                               [read_image(p) for p in agreement_images],
+                                               list(agreement_images) or ["timed image"])
     if gpu_plan:
         gpu = Segmenter.from_bundle(bundle_dir, device=device, threads=threads, stages=GPU_PLAN)
         # A fresh segmenter's first image (per-size merge matrices to make, the text bank of a
@@ -315,6 +344,11 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"floor (a plain ViT tower of this size on the same {f['windows']} "
                      f"window(s), ONNX Runtime): {f['floor_s']:.3f} s; runtime / floor: "
                      f"{f['ratio']:.2f}x")
+    a = report.get("agreement")
+    if a:
+        per = ", ".join(f"{k} {100 * v:.2f} %" for k, v in a["images"].items())
+        lines.append(f"labels equal to fp32 on ONNX Runtime's CPU provider "
+                     f"({os.path.basename(a['baseline'])}): {100 * a['all']:.2f} % ({per})")
     g = report.get("gpu_configuration")
     if g:
         lines.append(f"GPU configuration (all stages but connectivity as graphs, run here): "
@@ -350,7 +384,8 @@ def format_report(report: dict[str, Any]) -> str:
 @click.option("--size", default=None, help="Resize the image to HEIGHTxWIDTH first, e.g. 336x448.")
 @click.option("--runs", type=int, default=5, show_default=True)
 @click.option("--warmup", type=int, default=1, show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto|cpu|cuda|tensorrt")
+@click.option("--device", default="auto", show_default=True,
+              help="auto|cpu|cuda|tensorrt|openvino|openvino-bf16")
 @click.option("--threads", type=int, default=None, help="CPU threads for ONNX Runtime.")
 @click.option("--reference/--no-reference", default=True, show_default=True,
               help="Also time the torch reference on the same image (subprocess).")
@@ -373,19 +408,26 @@ def format_report(report: dict[str, Any]) -> str:
 @click.option("--floor/--no-floor", default=True, show_default=True,
               help="Also time a plain ViT tower of the bundle's size on the same windows "
                    "(exported with torch in a subprocess) and print runtime / floor.")
+@click.option("--against", type=click.Path(file_okay=False), default=None,
+              help="An fp32 bundle to compare labels with (ONNX Runtime, CPU), e.g. of an int8 "
+                   "bundle; OpenVINO runs are compared with this bundle on ONNX Runtime anyway.")
+@click.option("--agreement-image", "agreement_images", multiple=True,
+              type=click.Path(dir_okay=False),
+              help="Images for the label agreement (repeatable; default: the timed image).")
 @click.option("--json", "json_out", default=None, help="Write the results as JSON here.")
 @user_errors
 def bench_main(bundle_dir: str, image: Optional[str], size: Optional[str], runs: int,
                warmup: int, device: str, threads: Optional[int], reference: bool,
                reference_runs: int, sweep: bool, video_frames: Optional[int],
                frames_per_batch: Optional[int], traffic: bool, stages_text: Optional[str],
-               gpu_plan: bool, floor: bool, json_out: Optional[str]) -> None:
+               gpu_plan: bool, floor: bool, against: Optional[str],
+               agreement_images: tuple[str, ...], json_out: Optional[str]) -> None:
     """Time a bundle per stage against the torch reference; report peak memory, host time
     outside graph runs and host <-> device bytes."""
     _setup_logging(quiet=True)
     report = benchmark(bundle_dir, image, _size(size), runs, warmup, device, threads, reference,
                        reference_runs, sweep, video_frames, frames_per_batch, traffic,
-                       parse_stages(stages_text), gpu_plan, floor)
+                       parse_stages(stages_text), gpu_plan, floor, against, agreement_images)
     click.echo(format_report(report))
     if json_out:
         write_json(json_out, report)

@@ -125,7 +125,8 @@ def _setup_logging(quiet: bool) -> None:
 @click.option("--save-probs", is_flag=True,
               help="Also write <stem>.npz with labels (H,W) and probs (C,H,W) float32.")
 @click.option("--device", default="auto", show_default=True,
-              help="--bundle: auto|cpu|cuda|tensorrt (auto: TensorRT, CUDA, then CPU). "
+              help="--bundle: auto|cpu|cuda|tensorrt (auto: TensorRT, CUDA, then CPU), or "
+                   "openvino|openvino-bf16 (OpenVINO on the CPU; the [openvino] extra). "
                    "--reference: a torch device (auto: cuda if present, else cpu).")
 @click.option("--overlay/--no-overlay", default=True, show_default=True,
               help="Also write <stem>_overlay.jpg: the photo, class colours and a legend.")
@@ -284,7 +285,12 @@ def _progress(what: str) -> Callable[[int, int], None]:
 @click.option("--precision", type=click.Choice(PRECISIONS), default="fp32",
               show_default=True,
               help="Graph precision: fp32; fp16 for GPUs (matrix products in fp16); int8 for "
-                   "CPUs (dynamic; its agreement with fp32 is recorded, not enforced).")
+                   "CPUs (dynamic: activations quantized at run time; fastest on ONNX "
+                   "Runtime); int8-static for CPUs (calibrated QDQ; fastest on --device "
+                   "openvino). int8 agreement with fp32 is recorded, not enforced.")
+@click.option("--calibration", "calibration", multiple=True, type=click.Path(dir_okay=False),
+              help="int8-static: a calibration photo (repeat for more; default: the "
+                   "package's photo).")
 @click.option("--text-encoder/--no-text-encoder", default=False, show_default=True,
               help="Also export the text tower and tokenizer, so resclip-segment --bundle can "
                    "take --classes without torch.")
@@ -292,8 +298,8 @@ def _progress(what: str) -> Callable[[int, int], None]:
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
 @user_errors
 def export_main(model_name: str, pretrained: str, preset: Optional[str], classes: Optional[str],
-                outdir: str, precision: str, text_encoder: bool, force: bool, quiet: bool,
-                **overrides: Any) -> None:
+                outdir: str, precision: str, calibration: tuple[str, ...], text_encoder: bool,
+                force: bool, quiet: bool, **overrides: Any) -> None:
     """Export a CLIP ViT + vocabulary as a verified ONNX bundle for resclip-segment --bundle."""
     _setup_logging(quiet)
     params, vocab = resolve_settings(preset, classes, overrides)
@@ -305,11 +311,15 @@ def export_main(model_name: str, pretrained: str, preset: Optional[str], classes
                         "pip install 'resclip-deploy[export]'") from None
     if os.path.exists(outdir) and not force:
         raise UserError(f"{outdir} exists; pass --force to replace it")
+    if calibration and precision != "int8-static":
+        raise UserError("--calibration is for --precision int8-static only")
+    from .io import read_image
+    photos = [read_image(path) for path in calibration] or None
     start = time.perf_counter()
     clip = load_clip(model_name or "auto", pretrained)
     manifest = export_bundle(clip, vocab, params, outdir, precision=precision,
                              text_encoder=text_encoder, force=force,
-                             progress=_progress("text bank prompts"))
+                             progress=_progress("text bank prompts"), calibration=photos)
     log.info("wrote %s (%.1f MB, %s) in %.1f s: labels agree %.3f %% with torch", outdir,
              manifest.size_bytes / 1e6, ", ".join(manifest.graphs), time.perf_counter() - start,
              100 * manifest.verification["labels_agreement"])
@@ -338,7 +348,8 @@ def _reference_segmenter(model_name: str, pretrained: Optional[str], vocab: Voca
 @click.option("--compare", "compare_dir", type=click.Path(file_okay=False), default=None,
               help="A second bundle run on the same images (e.g. fp32 vs int8): both mIoUs "
                    "and their pixel agreement.")
-@click.option("--device", default="auto", show_default=True, help="auto|cpu|cuda|tensorrt.")
+@click.option("--device", default="auto", show_default=True,
+              help="auto|cpu|cuda|tensorrt|openvino|openvino-bf16.")
 @click.option("--threads", type=int, default=None, help="CPU threads for ONNX Runtime.")
 @click.option("--connectivity", type=click.Choice(CONNECTIVITIES), default=None,
               help="Override the bundle's SFR same-entity test for this run.")

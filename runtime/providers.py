@@ -158,17 +158,17 @@ def gpu_options(manifest: Manifest, inputs: tuple[str, ...], graph_sha256: str,
 
 
 def check_device_for_precision(device: str, precision: str) -> str:
-    """int8 (dynamic) bundles use integer kernels that exist on CPUs only: an explicit GPU is
-    refused with the advice, and 'auto' stays on the CPU (said in the log)."""
-    if precision != "int8" or device == "cpu" or device in OPENVINO_DEVICES:
+    """int8 bundles (dynamic and static) are built and checked for CPU integer kernels: an
+    explicit GPU is refused with the advice, and 'auto' stays on the CPU (said in the log)."""
+    if not precision.startswith("int8") or device == "cpu" or device in OPENVINO_DEVICES:
         return device
     if device == "auto":
         log.info("int8 bundle: running on CPU (its integer ops have no GPU kernels; export "
                  "with --precision fp16 for GPUs)")
         return "cpu"
-    raise UserError(f"--device {device}: an int8 bundle runs on CPUs only (its dynamic integer "
-                    "ops have no GPU kernels); export the bundle with --precision fp16 for GPUs, "
-                    "or use --device cpu")
+    raise UserError(f"--device {device}: an int8 bundle runs on CPUs only (its integer ops "
+                    "are built and checked for CPU kernels); export the bundle with --precision "
+                    "fp16 for GPUs, or use --device cpu")
 
 
 def session_options(threads: Optional[int], profile_prefix: Optional[str] = None,

@@ -198,7 +198,7 @@ def test_tiny_random_open_clip_vit_exports_and_runs(tiny_files, tmp_path, change
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("precision", ["fp16", "int8"])
+@pytest.mark.parametrize("precision", ["fp16", "int8", "int8-static"])
 def test_reduced_precision_bundles_are_what_they_say_and_report_agreement(
         precision, fixture_clip, tmp_path):
     import onnx
@@ -225,15 +225,27 @@ def test_reduced_precision_bundles_are_what_they_say_and_report_agreement(
         for op in ("LayerNormalization", "Softmax"):
             inputs = [n.input[0] for n in graph.graph.node if n.op_type == op]
             assert inputs and {types[i] for i in inputs} == {onnx.TensorProto.FLOAT}, op
-    else:
+    elif precision == "int8":
         assert check["thresholds"] is None
         assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
+    else:
+        # calibrated: fixed activation scales (QDQ pairs around every matrix product), no
+        # quantization at run time; the head graph too
+        assert check["thresholds"] is None
+        assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+        assert not ops & {"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul"}
+        head = {n.op_type for n in onnx.load(str(tmp_path / "b" / "head.onnx")).graph.node}
+        assert "QuantizeLinear" in head
     seg = Segmenter.from_bundle(str(tmp_path / "b"), device="cpu")
     from resclip_deploy.io import read_image
-    out = seg.segment(read_image(str(case_image(case))))
+    rgb = read_image(str(case_image(case)))
+    out = seg.segment(rgb)
     ref = load_case(case)
     agreement = (out.labels == ref["labels"]).mean()
     assert agreement >= (0.98 if precision == "fp16" else 0.85), agreement
+    if precision.startswith("int8"):     # the same integer graphs in OpenVINO
+        ov = Segmenter.from_bundle(str(tmp_path / "b"), device="openvino").segment(rgb)
+        assert (ov.labels == ref["labels"]).mean() >= 0.85
 
 
 TRICKY = ["a photo of a café.", "  Multiple   SPACES\tand\nlines ", "rock'n'roll's", "t-shirt",
@@ -335,3 +347,19 @@ def test_large_graphs_keep_weights_in_a_data_file(tiny_files, tmp_path, monkeypa
     assert data_files and all(manifest.files[f].sha256 for f in data_files)
     assert manifest.verification["labels_agreement"] >= 0.995
     Segmenter.from_bundle(str(tmp_path / "b"), device="cpu")
+
+
+def test_calibration_photos_are_checked_before_any_export(tmp_path):
+    """--calibration belongs to int8-static, and its photos are read before the model loads."""
+    case = CASES[0]
+    photo = str(case_image(case))
+    result = CliRunner().invoke(export_main, export_args(case, tmp_path / "a")
+                                + ["--calibration", photo])
+    assert result.exit_code == 2 and "--precision int8-static only" in result.output
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a picture")
+    result = CliRunner().invoke(export_main, export_args(case, tmp_path / "b")
+                                + ["--precision", "int8-static", "--calibration", str(bad)])
+    assert result.exit_code == 2 and "bad.png" in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
