@@ -30,9 +30,15 @@ def read_image(path: str) -> np.ndarray:
         raise UserError(f"image {path} does not exist") from None
     except OSError as e:
         raise UserError(f"image {path} cannot be read: {e.strerror or e}") from None
+    return decode_image(data, f"image {path}")
+
+
+def decode_image(data: np.ndarray | bytes, name: str) -> np.ndarray:
+    """Encoded image bytes -> RGB uint8 (H, W, 3), as :func:`read_image`; ``name`` for errors."""
+    data = np.frombuffer(data, dtype=np.uint8) if isinstance(data, bytes) else data
     bgr = quiet_imdecode(data) if data.size else None
     if bgr is None:
-        raise UserError(f"image {path} is empty, corrupt or not an image format OpenCV reads "
+        raise UserError(f"{name} is empty, corrupt or not an image format OpenCV reads "
                         f"({', '.join(IMAGE_EXTENSIONS)})")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
@@ -137,13 +143,19 @@ def write_segmentation(outdir: str, stem: str, seg: Segmentation, save_probs: bo
 def write_overlay(outdir: str, stem: str, rgb: np.ndarray, seg: Segmentation) -> str:
     """<stem>_overlay.jpg: the photo blended with class colours, plus a legend of the classes
     present. Returns its path."""
-    from .overlay import overlay
     path = os.path.join(outdir, f"{stem}_overlay.jpg")
+    data = overlay_jpeg_bytes(rgb, seg)
+    atomic_write(path, lambda f: f.write(data))
+    return path
+
+
+def overlay_jpeg_bytes(rgb: np.ndarray, seg: Segmentation) -> bytes:
+    """The overlay (photo, class colours, legend) as JPEG bytes."""
+    from .overlay import overlay
     image = cv2.cvtColor(overlay(rgb, seg.labels, seg.class_names), cv2.COLOR_RGB2BGR)
     ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])
     assert ok, "JPEG encoding of an overlay cannot fail"
-    atomic_write(path, lambda f: f.write(buf.tobytes()))
-    return path
+    return buf.tobytes()
 
 
 def image_summary(path: str, written: list[str], seg: Segmentation,

@@ -87,6 +87,9 @@ class Segmenter:
         implementation, default: the stage table's choice for the device)."""
         check_overrides(overrides)
         self.bundle, self.sessions, self.text = bundle, sessions, text
+        self._overrides = overrides
+        # (device, threads, cache_dir, text encoder) from_bundle used: with_classes builds alike
+        self._built: tuple = ("cpu", None, None, None)
         # 'cuda' when the graphs run on a GPU provider, else 'cpu' (read once: run_graph asks)
         self.device_type = memory_of(next(iter(sessions.values())))
         manifest = bundle.manifest
@@ -141,27 +144,40 @@ class Segmenter:
         params = manifest.params.replace(**overrides)
         vocab = classes or manifest.vocabulary
         plan = choose(memory_of(sessions[graphs[0]]), params.sfr, stages)
-        for stage in (s for s, impl in plan.items() if impl == GRAPH):
-            sessions[stage] = _stage_session(stage, manifest, params, vocab, device, threads,
-                                             cache_dir, profile_dir)
-        if plan["output"] == GRAPH:      # labels only (above), and with probabilities
-            sessions[OUTPUT_PROBS] = _stage_session("output", manifest, params, vocab, device,
-                                                    threads, cache_dir, profile_dir, probs=True)
+        sessions.update(_stage_sessions(manifest, params, vocab, plan, device, threads, cache_dir,
+                                        profile_dir))
         for name, session in sessions.items():
             log.info("%s graph on %s", name, ", ".join(session.get_providers()))
         text = None
         if manifest.text_input:
             text = load_text_bank(bundle)
+        encoder = None
         if classes is not None:
-            spec = manifest.text_encoder
-            # The text tower is an fp32 graph in every bundle: no fp16 engine for it.
-            gpu = gpu_options(manifest, (), manifest.files[spec.graph].sha256, cache_dir)
-            session = create_session(bundle.file(spec.graph), full_precision(device), threads,
-                                     dataclasses.replace(gpu, fp16=False))
-            bundle.check_session("text_encoder", session)
-            encoder = TextEncoder(Tokenizer.from_file(bundle.file(spec.tokenizer)), session, spec)
+            encoder = text_encoder(bundle, device, threads, cache_dir)
             text = encoder.bank(classes.queries)
-        return cls(bundle, sessions, text, overrides, plan, vocab)
+        seg = cls(bundle, sessions, text, overrides, plan, vocab)
+        seg._built = (device, threads, cache_dir, encoder)
+        return seg
+
+    def with_classes(self, classes: Vocabulary) -> "Segmenter":
+        """A segmenter for another vocabulary (a bundle exported with --text-encoder): the same
+        network sessions, its own text bank and vocabulary-bound stage graphs. Nothing of one
+        vocabulary is seen by the other; the text tower is loaded once, on first use."""
+        manifest = self.bundle.manifest
+        if manifest.text_encoder is None:
+            raise UserError(f"bundle {self.bundle.path} has a fixed vocabulary; to choose classes "
+                            "at run time re-export it with resclip-export --text-encoder")
+        device, threads, cache_dir, encoder = self._built
+        if encoder is None:
+            encoder = text_encoder(self.bundle, device, threads, cache_dir)
+            self._built = (device, threads, cache_dir, encoder)
+        networks = {n: s for n, s in self.sessions.items() if n in manifest.graphs}
+        stages = _stage_sessions(manifest, self.params, classes, self.plan, device, threads,
+                                 cache_dir, None)
+        seg = type(self)(self.bundle, {**networks, **stages}, encoder.bank(classes.queries),
+                         self._overrides, self.plan, classes)
+        seg._built = self._built
+        return seg
 
     @property
     def providers(self) -> dict[str, list[str]]:
@@ -393,6 +409,32 @@ class Segmenter:
             prepared = self.prepare(rgb)
         logits, _ = self.forward_windows(prepared.windows, times)
         return self.finish([prepared], logits, with_probs, times)[0]
+
+
+def text_encoder(bundle: Bundle, device: str, threads: Optional[int],
+                 cache_dir: Optional[str]) -> TextEncoder:
+    """The bundle's text tower and tokenizer (a --text-encoder bundle)."""
+    manifest = bundle.manifest
+    spec = manifest.text_encoder
+    # The text tower is an fp32 graph in every bundle: no fp16 engine for it.
+    gpu = gpu_options(manifest, (), manifest.files[spec.graph].sha256, cache_dir)
+    session = create_session(bundle.file(spec.graph), full_precision(device), threads,
+                             dataclasses.replace(gpu, fp16=False))
+    bundle.check_session("text_encoder", session)
+    return TextEncoder(Tokenizer.from_file(bundle.file(spec.tokenizer)), session, spec)
+
+
+def _stage_sessions(manifest: Manifest, params: ResCLIPParams, vocab: Vocabulary,
+                    plan: dict[str, str], device: str, threads: Optional[int],
+                    cache_dir: Optional[str], profile_dir: Optional[str]) -> dict[str, Any]:
+    """The stage graphs ``plan`` runs, for these settings and this vocabulary."""
+    sessions = {stage: _stage_session(stage, manifest, params, vocab, device, threads,
+                                      cache_dir, profile_dir)
+                for stage, impl in plan.items() if impl == GRAPH}
+    if plan["output"] == GRAPH:      # labels only (above), and with probabilities
+        sessions[OUTPUT_PROBS] = _stage_session("output", manifest, params, vocab, device,
+                                                threads, cache_dir, profile_dir, probs=True)
+    return sessions
 
 
 def _stage_session(stage: str, manifest: Manifest, params: ResCLIPParams, vocab: Vocabulary,
