@@ -236,6 +236,16 @@ def _size(value: Optional[str]) -> Optional[tuple[int, int]]:
     return h, w
 
 
+def _clients(value: str) -> tuple[int, ...]:
+    try:
+        levels = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        levels = ()
+    if not levels or min(levels) < 1:
+        raise UserError(f"--serve-clients {value!r}: give positive counts, e.g. 1,2,4")
+    return levels
+
+
 def benchmark(bundle_dir: str, image: Optional[str] = None,
               size: Optional[tuple[int, int]] = None, runs: int = 5, warmup: int = 1,
               device: str = "auto", threads: Optional[int] = None, reference: bool = True,
@@ -243,7 +253,8 @@ def benchmark(bundle_dir: str, image: Optional[str] = None,
               frames_per_batch: Optional[int] = None, traffic: bool = False,
               stages: Optional[dict[str, str]] = None, gpu_plan: bool = False,
               floor: bool = False, against: Optional[str] = None,
-              agreement_images: Sequence[str] = ()) -> dict[str, Any]:
+              agreement_images: Sequence[str] = (), serve: Optional[dict[str, Any]] = None,
+              ) -> dict[str, Any]:
     """``resclip-bench``: time a bundle per stage (and optionally the torch reference on the
     same image, 1/2/4/8 windows, a synthetic video) -> the report :func:`format_report` shows.
 
@@ -256,6 +267,8 @@ def benchmark(bundle_dir: str, image: Optional[str] = None,
     ``against``: an fp32 bundle (e.g. of an int8 one) whose labels on ONNX Runtime's CPU
     provider this run's are compared with, on ``agreement_images`` (default: the timed image).
     OpenVINO runs are always compared, with this bundle when ``against`` is not given.
+    ``serve``: also run the bundle as ``resclip-serve`` and load it (serve_bench.py):
+    ``{"clients": (1, 2, 4), "requests": per level, "pairs": alternated one-client runs}``.
     """
     from .runtime.providers import OPENVINO_DEVICES
     from .runtime.segmenter import Segmenter
@@ -311,6 +324,10 @@ def benchmark(bundle_dir: str, image: Optional[str] = None,
         report["video"] = time_video(segmenter, rgb, video_frames, frames_per_batch)
     if traffic:
         report["traffic"] = graph_traffic(bundle_dir, rgb, device, threads)
+    if serve:
+        from .serve_bench import serve_benchmark
+        report["serve"] = serve_benchmark(bundle_dir, segmenter, rgb, device, threads,
+                                          serve["clients"], serve["requests"], serve["pairs"])
     return report
 
 
@@ -375,6 +392,9 @@ def format_report(report: dict[str, Any]) -> str:
                      f"fps, pipelined {v['pipelined_fps']:.2f} fps ({v['speedup']:.2f}x); labels "
                      f"{'identical' if v['labels_identical'] else 'DIFFER'}; engine RSS every 10 "
                      f"frames (MB): {v['rss_mb_every_10_frames']}")
+    if "serve" in report:
+        from .serve_bench import format_serve
+        lines += format_serve(report["serve"])
     return "\n".join(lines)
 
 
@@ -414,6 +434,15 @@ def format_report(report: dict[str, Any]) -> str:
 @click.option("--agreement-image", "agreement_images", multiple=True,
               type=click.Path(dir_okay=False),
               help="Images for the label agreement (repeatable; default: the timed image).")
+@click.option("--serve", is_flag=True,
+              help="Also run the bundle as resclip-serve (uvicorn, its own process) and load it: "
+                   "overhead over in-process segment(), requests/s, p50/p99, server memory.")
+@click.option("--serve-clients", default="1,2,4", show_default=True,
+              help="--serve: concurrent clients per level, comma-separated.")
+@click.option("--serve-requests", type=click.IntRange(min=1), default=20, show_default=True,
+              help="--serve: requests per level.")
+@click.option("--serve-pairs", type=click.IntRange(min=1), default=5, show_default=True,
+              help="--serve: in-process and one-client runs alternated for the overhead.")
 @click.option("--json", "json_out", default=None, help="Write the results as JSON here.")
 @user_errors
 def bench_main(bundle_dir: str, image: Optional[str], size: Optional[str], runs: int,
@@ -421,13 +450,16 @@ def bench_main(bundle_dir: str, image: Optional[str], size: Optional[str], runs:
                reference_runs: int, sweep: bool, video_frames: Optional[int],
                frames_per_batch: Optional[int], traffic: bool, stages_text: Optional[str],
                gpu_plan: bool, floor: bool, against: Optional[str],
-               agreement_images: tuple[str, ...], json_out: Optional[str]) -> None:
+               agreement_images: tuple[str, ...], serve: bool, serve_clients: str,
+               serve_requests: int, serve_pairs: int, json_out: Optional[str]) -> None:
     """Time a bundle per stage against the torch reference; report peak memory, host time
     outside graph runs and host <-> device bytes."""
     _setup_logging(quiet=True)
     report = benchmark(bundle_dir, image, _size(size), runs, warmup, device, threads, reference,
                        reference_runs, sweep, video_frames, frames_per_batch, traffic,
-                       parse_stages(stages_text), gpu_plan, floor, against, agreement_images)
+                       parse_stages(stages_text), gpu_plan, floor, against, agreement_images,
+                       {"clients": _clients(serve_clients), "requests": serve_requests,
+                        "pairs": serve_pairs} if serve else None)
     click.echo(format_report(report))
     if json_out:
         write_json(json_out, report)

@@ -22,6 +22,8 @@ import functools
 import hmac
 import io
 import json
+import os
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -142,6 +144,7 @@ class Service:
                 "classes": list(seg.vocab.class_names), "precision": m.precision,
                 "settings": seg.params.to_dict(), "runtime_classes": m.text_encoder is not None,
                 "providers": seg.providers, "stages": seg.plan,
+                "process": {"pid": os.getpid(), "host": socket.gethostname()},
                 "limits": {"max_request_bytes": self.settings.max_request_bytes,
                            "max_pixels": self.settings.max_pixels,
                            "max_in_flight": self.settings.max_in_flight,
@@ -416,16 +419,47 @@ def _serve_command() -> Any:
                   help="Images segmented at once (each uses every core already).")
     @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0.1), default=60.0,
                   show_default=True, help="Seconds before a request gets 504.")
+    @click.option("--ray", "use_ray", is_flag=True,
+                  help="Serve as a Ray Serve deployment (the [ray] extra) instead of one process.")
+    @click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True,
+                  help="--ray: replicas of the segmenter.")
+    @click.option("--autoscale", default=None, metavar="MIN-MAX",
+                  help="--ray: an autoscaling range of replicas instead of --replicas, e.g. 1-8.")
+    @click.option("--cpus-per-replica", type=click.FloatRange(min=0), default=None,
+                  help="--ray: CPUs each replica asks Ray for (ONNX Runtime threads follow); "
+                       "default: this machine's CPUs / replicas.")
+    @click.option("--gpus-per-replica", type=click.FloatRange(min=0), default=0.0,
+                  show_default=True, help="--ray: GPUs each replica asks Ray for.")
+    @click.option("--ray-address", default=None,
+                  help="--ray: an existing cluster (e.g. auto, ray://head:10001); default: "
+                       "start Ray on this machine.")
     @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
     @user_errors
     def serve_main(bundle_dir: str, host: str, port: int, device: str, threads: Optional[int],
                    token_file: Optional[str], insecure_no_token: bool,
                    cors_origins: tuple[str, ...], max_request_mb: float, max_pixels: int,
-                   max_in_flight: int, workers: int, timeout_s: float, quiet: bool) -> None:
+                   max_in_flight: int, workers: int, timeout_s: float, use_ray: bool,
+                   replicas: int, autoscale: Optional[str], cpus_per_replica: Optional[float],
+                   gpus_per_replica: float, ray_address: Optional[str], quiet: bool) -> None:
         """Serve a bundle over HTTP: POST /v1/segment, GET /healthz /readyz /v1/info /metrics."""
         _setup_logging(quiet)
         token = read_token(token_file) if token_file else None
         check_exposure(host, token, insecure_no_token)
+        settings = ServeSettings(max_request_bytes=int(max_request_mb * (1 << 20)),
+                                 max_pixels=max_pixels, max_in_flight=max_in_flight,
+                                 workers=workers, timeout_s=timeout_s, token=token,
+                                 cors_origins=cors_origins)
+        if use_ray:
+            if threads is not None:
+                raise UserError("--threads: with --ray each replica's threads follow its "
+                                "--cpus-per-replica; leave --threads out")
+            _serve_on_ray(bundle_dir, device, settings, host, port, replicas,
+                          _replica_range(autoscale), cpus_per_replica, gpus_per_replica,
+                          ray_address)
+            return
+        if autoscale or cpus_per_replica is not None or gpus_per_replica or ray_address:
+            raise UserError("--autoscale, --cpus-per-replica, --gpus-per-replica and "
+                            "--ray-address need --ray")
         try:
             import fastapi  # noqa: F401
             import uvicorn
@@ -436,13 +470,38 @@ def _serve_command() -> Any:
                             "pip install 'resclip-deploy[serve]'") from None
         from .runtime.segmenter import Segmenter
         segmenter = Segmenter.from_bundle(bundle_dir, device=device, threads=threads)
-        settings = ServeSettings(max_request_bytes=int(max_request_mb * (1 << 20)),
-                                 max_pixels=max_pixels, max_in_flight=max_in_flight,
-                                 workers=workers, timeout_s=timeout_s, token=token,
-                                 cors_origins=cors_origins)
         uvicorn.run(create_app(segmenter, settings), host=host, port=port,
                     log_level="warning" if quiet else "info", access_log=not quiet)
     return serve_main
+
+
+def _replica_range(text: Optional[str]) -> Optional[tuple[int, int]]:
+    if text is None:
+        return None
+    try:
+        lo, hi = (int(v) for v in text.split("-"))
+    except ValueError:
+        raise UserError(f"--autoscale {text!r}: give MIN-MAX replicas, e.g. 1-8") from None
+    return lo, hi
+
+
+def _serve_on_ray(bundle_dir: str, device: str, settings: ServeSettings, host: str, port: int,
+                  replicas: int, autoscale: Optional[tuple[int, int]],
+                  cpus_per_replica: Optional[float], gpus_per_replica: float,
+                  address: Optional[str]) -> None:
+    try:
+        import ray  # noqa: F401
+        from ray import serve  # noqa: F401
+        import fastapi  # noqa: F401
+    except ImportError as e:
+        raise UserError(f"resclip-serve --ray needs the [ray] extra ({e.name} is missing): "
+                        "pip install 'resclip-deploy[ray]'") from None
+    from . import ray_serve
+    if cpus_per_replica is None:
+        cpus_per_replica = float(max(1, (os.cpu_count() or 1) // (autoscale or (0, replicas))[1]))
+    ray_serve.run(ray_serve.application(bundle_dir, device, settings, replicas, autoscale,
+                                        cpus_per_replica, gpus_per_replica),
+                  host, port, address)
 
 
 def serve_entry() -> None:

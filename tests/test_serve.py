@@ -5,12 +5,7 @@ run with bad requests mixed in."""
 import base64
 import concurrent.futures
 import json
-import os
-import signal
-import socket
 import struct
-import subprocess
-import sys
 import time
 import zlib
 
@@ -20,53 +15,17 @@ import pytest
 
 from conftest import CASES, case_image
 from resclip_deploy.serve import rle_counts
+from resclip_deploy.serve_bench import ServiceProcess
 
 import httpx  # noqa: E402  (the [test] extra)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """``python -m resclip_deploy.serve`` in its own process group; stopped by its id."""
+class Server(ServiceProcess):
+    """``python -m resclip_deploy.serve`` on ONNX Runtime's CPU provider, in its own process
+    group on a free loopback port; stopped by its id."""
 
     def __init__(self, bundle, *args, env=None):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "resclip_deploy.serve", str(bundle), "--port",
-             str(self.port), "--device", "cpu", "-q", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, **(env or {})})
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(self.proc.stdout.read().decode())
-            try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise AssertionError("the server did not become ready in 120 s")
-
-    def stop(self):
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-
-    def rss_mb(self) -> float:
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            kb = next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
-        return kb / 1024
+        super().__init__(str(bundle), "--device", "cpu", *args, env=env)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,109 @@
+"""resclip-serve --ray: a real Ray Serve deployment (local Ray, 2 CPUs, two replicas of one CPU
+each) serving the same app: labels equal to Segmenter.segment, bad input refused, and a replica
+killed during a bounded load run: every answered request correct, the service back to two
+replicas and answering. Every process of the service's session is gone after it stops."""
+
+import os
+import signal
+import threading
+import time
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import CASES, case_image
+from resclip_deploy.serve_bench import (Client, ServiceProcess, get, load_level,
+                                        session_processes)
+
+
+def replicas(server):
+    return sorted(pid for pid, cmd in session_processes(server.proc.pid)
+                  if cmd.startswith("ray::ServeReplica"))
+
+
+def wait_for(condition, timeout_s, what):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"{what} within {timeout_s} s")
+
+
+@pytest.fixture(scope="module")
+def ray_server(bundle_for):
+    case = CASES[0]
+    server = ServiceProcess(str(bundle_for(case)), "--ray", "--replicas", "2",
+                            "--cpus-per-replica", "1", "--device", "cpu",
+                            env={"RAY_USAGE_STATS_ENABLED": "0"}, ready_timeout_s=300)
+    try:
+        wait_for(lambda: len(replicas(server)) == 2, 120, "two replicas up")
+        yield server, bundle_for(case), case
+    finally:
+        server.stop()
+        left = session_processes(server.proc.pid)
+        assert not left, f"processes of the Ray service left running: {left}"
+
+
+def photo(case):
+    ok, buf = cv2.imencode(".png", cv2.imread(str(case_image(case))))
+    assert ok
+    return buf.tobytes()
+
+
+def expected_png(bundle, data):
+    from resclip_deploy.io import decode_image, label_png_bytes
+    from resclip_deploy.runtime.segmenter import Segmenter
+    seg = Segmenter.from_bundle(str(bundle), device="cpu")
+    result = seg.segment(decode_image(data, "test"), with_probs=False)
+    return label_png_bytes(result.labels, len(result.class_names)), result
+
+
+def test_ray_replicas_answer_like_the_segmenter(ray_server):
+    server, bundle, case = ray_server
+    data = photo(case)
+    want, result = expected_png(bundle, data)
+    client = Client(server.url)
+    try:
+        status, body = client.segment(data)
+        assert status == 200 and body == want
+        status, body = client.segment(b"plain text, not an image")
+        assert status == 415, body
+        status, body = client.segment(data, "?classes=cat,dog")
+        assert status == 400 and b"fixed vocabulary" in body
+    finally:
+        client.close()
+    status, info = get(server.url + "/v1/info")
+    assert status == 200 and b'"classes"' in info
+    # both replicas answer under two clients, every answer right
+    row = load_level(server.url, data, want, 2, 8)
+    assert row["ok"] == 8, row
+    assert cv2.imdecode(np.frombuffer(want, np.uint8), cv2.IMREAD_UNCHANGED).tolist() == \
+        result.labels.tolist()
+
+
+def test_a_replica_killed_during_load(ray_server):
+    """Two clients, 24 requests, one replica SIGKILLed after the first answers: what was
+    answered 200 is right, what failed is a 5xx of a request the dead replica held (at most
+    one per client), and Ray brings the service back to two replicas that answer."""
+    server, bundle, case = ray_server
+    data = photo(case)
+    want, _ = expected_png(bundle, data)
+    before = replicas(server)
+    assert len(before) == 2
+    result = {}
+    load = threading.Thread(target=lambda: result.update(
+        load_level(server.url, data, want, 2, 24)))
+    load.start()
+    time.sleep(3)
+    os.kill(before[0], signal.SIGKILL)
+    load.join(240)
+    assert not load.is_alive(), "the load run did not end in 240 s"
+    assert "wrong labels" not in result["failures"], result
+    assert all(k.startswith("5") for k in result["failures"]), result
+    assert sum(result["failures"].values()) <= 2 and result["ok"] >= 22, result
+    wait_for(lambda: len(replicas(server)) == 2 and before[0] not in replicas(server), 120,
+             "Ray restarting the killed replica")
+    after = load_level(server.url, data, want, 2, 4)
+    assert after["ok"] == 4, after
