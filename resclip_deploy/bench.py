@@ -268,7 +268,8 @@ def benchmark(bundle_dir: str, image: Optional[str] = None,
     provider this run's are compared with, on ``agreement_images`` (default: the timed image).
     OpenVINO runs are always compared, with this bundle when ``against`` is not given.
     ``serve``: also run the bundle as ``resclip-serve`` and load it (serve_bench.py):
-    ``{"clients": (1, 2, 4), "requests": per level, "pairs": alternated one-client runs}``.
+    ``{"clients": (1, 2, 4), "requests": per level, "pairs": alternated one-client runs,
+    "ray_replicas": 0 or Ray Serve replicas to load next}``.
     """
     from .runtime.providers import OPENVINO_DEVICES
     from .runtime.segmenter import Segmenter
@@ -327,7 +328,8 @@ def benchmark(bundle_dir: str, image: Optional[str] = None,
     if serve:
         from .serve_bench import serve_benchmark
         report["serve"] = serve_benchmark(bundle_dir, segmenter, rgb, device, threads,
-                                          serve["clients"], serve["requests"], serve["pairs"])
+                                          serve["clients"], serve["requests"], serve["pairs"],
+                                          serve["ray_replicas"])
     return report
 
 
@@ -443,6 +445,9 @@ def format_report(report: dict[str, Any]) -> str:
               help="--serve: requests per level.")
 @click.option("--serve-pairs", type=click.IntRange(min=1), default=5, show_default=True,
               help="--serve: in-process and one-client runs alternated for the overhead.")
+@click.option("--serve-ray", "serve_ray", type=click.IntRange(min=0), default=0,
+              show_default=True,
+              help="--serve: then the same on Ray Serve with this many replicas (local Ray).")
 @click.option("--json", "json_out", default=None, help="Write the results as JSON here.")
 @user_errors
 def bench_main(bundle_dir: str, image: Optional[str], size: Optional[str], runs: int,
@@ -451,7 +456,8 @@ def bench_main(bundle_dir: str, image: Optional[str], size: Optional[str], runs:
                frames_per_batch: Optional[int], traffic: bool, stages_text: Optional[str],
                gpu_plan: bool, floor: bool, against: Optional[str],
                agreement_images: tuple[str, ...], serve: bool, serve_clients: str,
-               serve_requests: int, serve_pairs: int, json_out: Optional[str]) -> None:
+               serve_requests: int, serve_pairs: int, serve_ray: int,
+               json_out: Optional[str]) -> None:
     """Time a bundle per stage against the torch reference; report peak memory, host time
     outside graph runs and host <-> device bytes."""
     _setup_logging(quiet=True)
@@ -459,7 +465,7 @@ def bench_main(bundle_dir: str, image: Optional[str], size: Optional[str], runs:
                        reference_runs, sweep, video_frames, frames_per_batch, traffic,
                        parse_stages(stages_text), gpu_plan, floor, against, agreement_images,
                        {"clients": _clients(serve_clients), "requests": serve_requests,
-                        "pairs": serve_pairs} if serve else None)
+                        "pairs": serve_pairs, "ray_replicas": serve_ray} if serve else None)
     click.echo(format_report(report))
     if json_out:
         write_json(json_out, report)

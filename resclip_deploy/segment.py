@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from .errors import UserError
 from .io import (expand_inputs, image_summary, output_stems, read_image, write_json,
@@ -111,7 +111,7 @@ def segment_inputs(segmenter: Any, inputs: list[str], outdir: str,
     todo = [] if run.interrupted else list(zip(files, stems))
     reporter.images_started(len(todo))
     for path, stem in todo:
-        entry = _image(segmenter, path, stem, outdir, options)
+        entry = segment_image(segmenter, path, stem, outdir, options)
         if isinstance(entry, str):
             run.failed.append({"input": path, "error": entry})
             reporter.failed(path, entry)
@@ -126,12 +126,14 @@ def segment_inputs(segmenter: Any, inputs: list[str], outdir: str,
     return run
 
 
-def _image(segmenter: Any, path: str, stem: str, outdir: str,
-           options: SegmentOptions) -> dict[str, Any] | str:
-    """One image's outputs -> its summary entry, or the error message."""
+def segment_image(segmenter: Any, path: str, stem: str, outdir: str,
+                  options: SegmentOptions, read: Callable[[str], Any] = read_image,
+                  ) -> dict[str, Any] | str:
+    """One image's outputs -> its summary entry, or the error message. ``read(path)`` gives
+    its RGB array (a file read here; bytes another reader fetched, for resclip-batch)."""
     start = time.perf_counter()
     try:
-        rgb = read_image(path)
+        rgb = read(path)
         seg = segmenter.segment(rgb, with_probs=options.save_probs)
     except UserError as e:
         return str(e)

@@ -4,6 +4,8 @@ process; the ``[serve]`` extra).
     POST /v1/segment        an image (multipart field ``image`` or the raw body) -> labels
                             ?format=png|rle|json  &overlay=true  &classes=cat,sofa|couch
     GET  /healthz /readyz /v1/info /metrics
+    GET  /                  a page for people (resclip_deploy/static): pick an image, see the
+                            overlay and its legend; it calls the API like any client
 
 What protects the process: request bytes are counted while they arrive (413 beyond the limit);
 an image's size is read from its header before it is decoded (413 beyond the pixel limit, so
@@ -34,11 +36,24 @@ import numpy as np
 
 from .errors import UserError
 from .io import decode_image, label_png_bytes, overlay_jpeg_bytes
-from .overlay import class_fractions
+from .overlay import class_fractions, palette
 from .vocab import Vocabulary, parse_class_list
 
 FORMATS = ("png", "rle", "json")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+# The page's files (resclip_deploy/static) -> media type; index.html is served at /.
+PAGE_FILES = {"index.html": "text/html; charset=utf-8",
+              "app.js": "text/javascript; charset=utf-8", "app.css": "text/css; charset=utf-8"}
+# The page runs nothing but its own files and talks to nothing but this API: no inline script,
+# no other origin (an offline deployment has none anyway), no framing (it may hold a token);
+# data: images because the API returns the overlay as base64.
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'none'; script-src 'self'; "
+                                           "style-src 'self'; img-src 'self' data:; "
+                                           "connect-src 'self'; base-uri 'none'; "
+                                           "form-action 'none'; frame-ancestors 'none'",
+                "X-Content-Type-Options": "nosniff",
+                # the page and its script must come from the same (possibly upgraded) server
+                "Cache-Control": "no-cache"}
 
 
 @dataclass(frozen=True)
@@ -208,10 +223,14 @@ class Service:
         if fmt == "png":
             return label_png_bytes(result.labels, len(names)), "image/png"
         fractions = class_fractions(result.labels, len(names))
+        present = sorted(fractions, key=lambda c: -fractions[c])
+        colours = palette(len(names))
         body: dict[str, Any] = {"height": int(result.labels.shape[0]),
                                 "width": int(result.labels.shape[1]), "classes": names,
-                                "fractions": {names[c]: round(f, 6) for c, f in
-                                              sorted(fractions.items(), key=lambda kv: -kv[1])}}
+                                "fractions": {names[c]: round(fractions[c], 6) for c in present},
+                                # the overlay's colours, so that a client's legend matches it
+                                "colors": {names[c]: "#" + colours[c].tobytes().hex()
+                                           for c in present}}
         if fmt == "rle":
             body["masks"] = {names[c]: rle(result.labels == c) for c in sorted(fractions)}
         if overlay:
@@ -233,10 +252,11 @@ async def read_limited(stream: AsyncIterator[bytes], limit: int) -> bytes:
 def create_app(segmenter: Any, settings: ServeSettings = ServeSettings()) -> Any:
     """The FastAPI app around one segmenter (the same app runs under uvicorn or Ray Serve)."""
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, Response
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     service = Service(segmenter, settings)
+    page = page_files()
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Any) -> AsyncIterator[None]:
@@ -284,6 +304,16 @@ def create_app(segmenter: Any, settings: ServeSettings = ServeSettings()) -> Any
         service.latency.labels(known).observe(time.perf_counter() - start)
         return response
 
+
+    @app.get("/")
+    async def index() -> Response:
+        return HTMLResponse(page["index.html"], headers=PAGE_HEADERS)
+
+    @app.get("/static/{name}")
+    async def static(name: str) -> Response:
+        if name == "index.html" or name not in page:
+            return error(404, f"/static/{name}: no such file", "not_found")
+        return Response(page[name], media_type=PAGE_FILES[name], headers=PAGE_HEADERS)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -345,6 +375,14 @@ def create_app(segmenter: Any, settings: ServeSettings = ServeSettings()) -> Any
                 service.release()
 
     return app
+
+
+def page_files() -> dict[str, bytes]:
+    """The page's files, read from the package once: an install without them fails when the
+    app is built, not on a visitor's request."""
+    from importlib import resources
+    folder = resources.files("resclip_deploy").joinpath("static")
+    return {name: folder.joinpath(name).read_bytes() for name in PAGE_FILES}
 
 
 async def _multipart_image(body: bytes, headers: Any) -> bytes:

@@ -10,6 +10,7 @@ connection each (the standard library's http.client: nothing to install).
 from __future__ import annotations
 
 import contextlib
+import functools
 import http.client
 import os
 import signal
@@ -116,9 +117,9 @@ class ServiceProcess:
         self.proc.wait()
 
     def rss_mb(self) -> float:
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            kb = next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
-        return kb / 1024
+        """Resident MB of the service: its session's processes summed (under Ray, the replicas
+        and Ray's own processes too)."""
+        return session_rss_mb(self.proc.pid)
 
     def __enter__(self) -> "ServiceProcess":
         return self
@@ -226,9 +227,10 @@ def one_client_overhead(url: str, body: bytes, expected_png: bytes, in_process: 
 
 def serve_benchmark(bundle_dir: str, segmenter: Any, rgb: np.ndarray, device: str,
                     threads: Optional[int], levels: Sequence[int], requests: int,
-                    pairs: int) -> dict[str, Any]:
+                    pairs: int, ray_replicas: int = 0) -> list[dict[str, Any]]:
     """The service on this bundle against ``segmenter`` in this process, same image (sent as
-    PNG, so both sides decode identical pixels)."""
+    PNG, so both sides decode identical pixels): uvicorn in one process, then (``ray_replicas``
+    > 0) Ray Serve on a local Ray with that many replicas sharing this machine's CPUs."""
     import cv2
 
     from .io import decode_image, label_png_bytes
@@ -238,36 +240,60 @@ def serve_benchmark(bundle_dir: str, segmenter: Any, rgb: np.ndarray, device: st
     decoded = decode_image(body, "the bench image")
     labels = segmenter.segment(decoded, with_probs=False)
     expected = label_png_bytes(labels.labels, len(labels.class_names))
-    args = ["--device", device, "--max-in-flight", str(max(levels))]
-    if threads:
-        args += ["--threads", str(threads)]
-    with ServiceProcess(bundle_dir, *args) as server:
-        rss_start = server.rss_mb()
-        overhead = one_client_overhead(server.url, body, expected,
-                                       lambda: segmenter.segment(decoded, with_probs=False),
-                                       pairs)
-        rows = [load_level(server.url, body, expected, c, requests, rss=server.rss_mb)
-                for c in levels]
-        rss_end = server.rss_mb()
-    return {"url": "uvicorn, one process", "overhead_one_client": overhead, "levels": rows,
-            "requests_total": pairs + len(levels) * requests,
-            "rss_mb_after_warmup": round(rss_start), "rss_mb_end": round(rss_end)}
+    common = ["--device", device, "--max-in-flight", str(max(levels))]
+    services = [("uvicorn, one process", segmenter,
+                 common + (["--threads", str(threads)] if threads else []))]
+    if ray_replicas:
+        from .runtime.segmenter import Segmenter
+        cpus = max(1, (threads or os.cpu_count() or 1) // ray_replicas)
+        # one replica's answer against the segmenter with one replica's threads
+        services.append((f"Ray Serve, {ray_replicas} replicas of {cpus} CPU(s)",
+                         Segmenter.from_bundle(bundle_dir, device=device, threads=cpus),
+                         common + ["--ray", "--replicas", str(ray_replicas),
+                                   "--cpus-per-replica", str(cpus)]))
+    reports = []
+    for name, local, args in services:
+        with ServiceProcess(bundle_dir, *args, env={"RAY_USAGE_STATS_ENABLED": "0"},
+                            ready_timeout_s=600) as server:
+            rss = server.rss_mb
+            rss_start = rss()
+            overhead = one_client_overhead(server.url, body, expected,
+                                           functools.partial(local.segment, decoded, False),
+                                           pairs)
+            rows = [load_level(server.url, body, expected, c, requests, rss=rss)
+                    for c in levels]
+            reports.append({"service": name, "overhead_one_client": overhead, "levels": rows,
+                            "requests_total": pairs + len(levels) * requests,
+                            "rss_mb_after_warmup": round(rss_start), "rss_mb_end": round(rss())})
+    return reports
 
 
-def format_serve(s: dict[str, Any]) -> list[str]:
-    o = s["overhead_one_client"]
-    lines = [f"service ({s['url']}) vs in-process segment(), same image, alternated {o['pairs']}"
-             f" times: {o['service_s']:.3f} s vs {o['in_process_s']:.3f} s per image, overhead "
-             f"{100 * o['overhead']:+.1f} %"
-             + (f", {o['failed']} FAILED" if o["failed"] else "")]
-    for row in s["levels"]:
-        bad = ", ".join(f"{n}x {k}" for k, n in row["failures"].items()) or "none failed"
-        p50 = f"{row['p50_s']:.3f}" if row["p50_s"] is not None else "-"
-        p99 = f"{row['p99_s']:.3f}" if row["p99_s"] is not None else "-"
-        lines.append(f"  {row['clients']} client(s), {row['requests']} requests: "
-                     f"{row['requests_per_s']:.2f} req/s, p50 {p50} s, p99 {p99} s; {bad}")
-    rss = [m for row in s["levels"] for m in row["rss_mb"]]
-    lines.append(f"  server RSS over {s['requests_total']} requests (MB, every 10): after "
-                 f"warm-up {s['rss_mb_after_warmup']}, min {min(rss, default=0)}, max "
-                 f"{max(rss, default=0)}, end {s['rss_mb_end']}")
+def session_rss_mb(sid: int) -> float:
+    """Resident MB of every process of session ``sid`` (the service and, under Ray, its
+    workers) summed."""
+    total = 0
+    for pid, _ in session_processes(sid):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as f:
+            total += next((int(line.split()[1]) for line in f if line.startswith("VmRSS")), 0)
+    return total / 1024
+
+
+def format_serve(services: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    for s in services:
+        o = s["overhead_one_client"]
+        lines.append(f"{s['service']} vs in-process segment(), same image, alternated "
+                     f"{o['pairs']} times: {o['service_s']:.3f} s vs {o['in_process_s']:.3f} s "
+                     f"per image, overhead {100 * o['overhead']:+.1f} %"
+                     + (f", {o['failed']} FAILED" if o["failed"] else ""))
+        for row in s["levels"]:
+            bad = ", ".join(f"{n}x {k}" for k, n in row["failures"].items()) or "none failed"
+            p50 = f"{row['p50_s']:.3f}" if row["p50_s"] is not None else "-"
+            p99 = f"{row['p99_s']:.3f}" if row["p99_s"] is not None else "-"
+            lines.append(f"  {row['clients']} client(s), {row['requests']} requests: "
+                         f"{row['requests_per_s']:.2f} req/s, p50 {p50} s, p99 {p99} s; {bad}")
+        rss = [m for row in s["levels"] for m in row["rss_mb"]]
+        lines.append(f"  service RSS over {s['requests_total']} requests (MB, every 10): after "
+                     f"warm-up {s['rss_mb_after_warmup']}, min {min(rss, default=0)}, max "
+                     f"{max(rss, default=0)}, end {s['rss_mb_end']}")
     return lines

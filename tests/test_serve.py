@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import CASES, case_image
+from resclip_deploy.overlay import palette
 from resclip_deploy.serve import rle_counts
 from resclip_deploy.serve_bench import ServiceProcess
 
@@ -69,6 +70,9 @@ def test_labels_equal_the_segmenter_in_every_format(fixed):
         c = want.class_names.index(name)
         assert fraction == pytest.approx((want.labels == c).mean(), abs=1e-6)
     assert sum(body["fractions"].values()) == pytest.approx(1, abs=1e-4)
+    colours = palette(len(want.class_names))     # the overlay's, for a client's own legend
+    assert body["colors"] == {name: "#%02x%02x%02x" % tuple(colours[want.class_names.index(name)])
+                              for name in body["fractions"]}
 
     # RLE masks rebuild the label map; overlay as base64 JPEG
     r = httpx.post(server.url + "/v1/segment?format=rle&overlay=true", content=data,
@@ -239,6 +243,12 @@ def test_token_is_required_when_given(bundle_for, tmp_path):
     server = Server(bundle_for(CASES[0]), "--token-file", str(tmp_path / "token"))
     try:
         assert httpx.get(server.url + "/healthz").status_code == 200
+        # the page holds no data: it and its files need no token, its API calls do
+        page = httpx.get(server.url + "/")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert "script-src 'self';" in page.headers["content-security-policy"]
+        assert httpx.get(server.url + "/static/app.js").status_code == 200
+        assert httpx.get(server.url + "/static/index.html").status_code == 404
         for path in ("/v1/info", "/metrics"):
             r = httpx.get(server.url + path)
             assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
