@@ -1,10 +1,11 @@
 """PAMR (pixel-adaptive mask refinement) of the SFR pre-pass on CPU (docs/method.md §5).
-numpy + scipy.
 
 Each iteration sets every pixel's mask to the affinity-weighted sum of its 16 neighbours, the same
 weights for every query. That is one sparse (HW x HW) matrix with 16 entries per row applied to a
-(HW, Q) matrix: scipy runs it as one fused pass per iteration (no (Q, 16, H, W) tensors, which
-made the reference spend 96 % of its time here), and releases the GIL so windows run in parallel.
+(HW, Q) matrix: :func:`pamr` runs it with scipy as one fused pass per iteration (no (Q, 16, H, W)
+tensors, which made the reference spend 96 % of its time here). :func:`refine` runs the same
+sums, bit for bit, through the compiled kernel of pamr_kernel.py (numba), about 3x faster, and
+falls back to scipy where numba cannot be imported.
 """
 
 from __future__ import annotations
@@ -43,8 +44,9 @@ def _shifted(padded: np.ndarray, pad: int, dy: int, dx: int, h: int, w: int) -> 
     return padded[:, pad + dy:pad + dy + h, pad + dx:pad + dx + w]
 
 
-def affinity_matrix(image: np.ndarray, dilations: tuple[int, ...]) -> sp.csr_matrix:
-    """(3, h, w) guide image -> (h·w, h·w) float32 CSR matrix, rows = softmax affinities.
+def affinities(image: np.ndarray, dilations: tuple[int, ...]) -> np.ndarray:
+    """(3, h, w) guide image -> (K, h, w) float32 softmax affinities of the K neighbours
+    (:func:`neighbour_index` order).
 
     σ: unbiased std over the 3x3 neighbourhoods of all dilations (centre in each), per channel;
     a_k = mean over channels of −|x − x_k| / (1e−8 + 0.1·σ); softmax over the 16 neighbours.
@@ -63,6 +65,17 @@ def affinity_matrix(image: np.ndarray, dilations: tuple[int, ...]) -> sp.csr_mat
                     .mean(axis=0) for d in dilations for dy, dx in OFFSETS])   # (K, h, w)
     aff = np.exp(aff - aff.max(axis=0, keepdims=True))
     aff /= aff.sum(axis=0, keepdims=True)
+    return aff
+
+
+def affinity_matrix(image: np.ndarray, dilations: tuple[int, ...]) -> sp.csr_matrix:
+    """(3, h, w) guide image -> (h·w, h·w) float32 CSR matrix, rows = :func:`affinities`."""
+    return as_matrix(affinities(image, dilations), dilations)
+
+
+def as_matrix(aff: np.ndarray, dilations: tuple[int, ...]) -> sp.csr_matrix:
+    """(K, h, w) affinities -> the (h·w, h·w) CSR matrix with them as rows."""
+    _, h, w = aff.shape
     indices, indptr = _ring_structure(h, w, tuple(dilations))
     n = h * w
     data = np.ascontiguousarray(aff.reshape(len(aff), n).T).ravel()
@@ -98,3 +111,17 @@ def pamr(mask: np.ndarray, affinity: sp.csr_matrix, iterations: int,
         list(pool.map(step, rows))
         mask = out
     return mask
+
+
+def refine(mask: np.ndarray, image: np.ndarray, dilations: tuple[int, ...], iterations: int,
+           pool: Optional[Executor] = None, tasks: int = 1) -> np.ndarray:
+    """(h·w, Q) float32 mask guided by the (3, h, w) image -> PAMR's result: the compiled
+    kernel, or scipy's :func:`pamr` (the same numbers) where numba is not installed.
+    ``tasks``: parallel tasks on ``pool``. ``mask`` may be overwritten (it is a temporary
+    the size of the result)."""
+    aff = affinities(image, dilations)
+    try:
+        from . import pamr_kernel
+    except ImportError:
+        return pamr(mask, as_matrix(aff, dilations), iterations, pool, tasks)
+    return pamr_kernel.pamr(mask, aff, iterations, dilations, OFFSETS, pool, tasks)

@@ -16,7 +16,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 
 from . import geometry, sfr
-from .pamr import affinity_matrix, pamr
+from .pamr import refine
 from .params import PAMR_DILATIONS, PAMR_ITERATIONS, ResCLIPParams
 from .postprocess import Segmentation, finalize
 from .vocab import Vocabulary
@@ -28,13 +28,13 @@ def prepass_probs(logits: np.ndarray, image: np.ndarray, logit_scale: float,
     window -> (h, w) int64 argmax query and (h, w) float32 its probability.
 
     Bilinear to the window size, PAMR guided by the window, softmax(logit_scale·x) over queries.
-    PAMR runs as ``blocks`` row blocks in parallel on ``pool`` when given: how a single window
+    PAMR runs as ``blocks`` parallel tasks on ``pool`` when given: how a single window
     (whole-image mode) uses every core.
     """
     q = logits.shape[0]
     h, w = image.shape[1:]
     up = geometry.resize_bilinear_hwc(logits.transpose(1, 2, 0), (h, w)).reshape(h * w, q)
-    refined = pamr(up, affinity_matrix(image, PAMR_DILATIONS), PAMR_ITERATIONS, pool, blocks)
+    refined = refine(up, image, PAMR_DILATIONS, PAMR_ITERATIONS, pool, blocks)
     # softmax's largest value is exp(0) / Σ exp(s·(z − max)): argmax and max probability without
     # normalising the (h·w, Q) array.
     z = refined
@@ -59,12 +59,12 @@ class SFRStep:
 
 
 def sfr_schedule(windows: int, workers: int) -> tuple[int, int]:
-    """(windows in flight, PAMR row blocks per window) for ``windows`` windows on ``workers``
+    """(windows in flight, PAMR tasks per window) for ``windows`` windows on ``workers``
     threads: every thread busy whatever the count.
 
-    As many windows as threads or more: one whole window per thread (fastest: no per-iteration
-    joins). Fewer (e.g. 6 windows on 16 cores, or one whole-image window): all windows at once,
-    each split into ⌈workers / windows⌉ row blocks.
+    As many windows as threads or more: one whole window per thread (fastest: nothing to join).
+    Fewer (e.g. 6 windows on 16 cores, or one whole-image window): all windows at once, each
+    split into ⌈workers / windows⌉ tasks.
     """
     if windows >= workers:
         return workers, 1
@@ -85,7 +85,7 @@ def prepass_step(prepass_logits: np.ndarray, windows: np.ndarray, params: ResCLI
     grids = prepass_logits.reshape(k, q, gh, gw)
     workers = workers or max(1, os.cpu_count() or 1)
     in_flight, blocks = sfr_schedule(k, workers)
-    # Windows run on their own threads, which only wait while their PAMR row blocks run on the
+    # Windows run on their own threads, which only wait while their PAMR tasks run on the
     # shared pool: a window never waits for a pool thread held by another window (no deadlock).
     with ThreadPoolExecutor(max_workers=workers) as rows, \
             ThreadPoolExecutor(max_workers=in_flight) as outer:

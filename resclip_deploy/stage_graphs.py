@@ -188,7 +188,7 @@ def prepass_graph(patch: int, logit_scale: float, dilations: Sequence[int],
 
 
 def _pamr_weights(b: Builder, image: str, hw: str, dilations: tuple[int, ...]) -> list[str]:
-    """(K, 3, h, w) guide -> 16 (K, 1, h, w) softmax affinities (:func:`pamr.affinity_matrix`)."""
+    """(K, 3, h, w) guide -> 16 (K, 1, h, w) softmax affinities (:func:`pamr.affinities`)."""
     pad = max(dilations)
     padded = _edge_pad(b, image, pad)
     samples = [_shift(b, padded, pad, dy * d, dx * d, hw)
