@@ -78,17 +78,31 @@ class ReadStats:
     skipped_corrupt: int = 0
 
 
+def seek(cap: cv2.VideoCapture, source: str, start: int) -> np.ndarray:
+    """Move a file's capture to frame ``start`` and read it (OpenCV's FFmpeg reader decodes
+    from the key frame before it, so the frame is exact); -> that frame (BGR)."""
+    if not cap.set(cv2.CAP_PROP_POS_FRAMES, start) or \
+            int(cap.get(cv2.CAP_PROP_POS_FRAMES)) != start:
+        raise UserError(f"video {source} cannot be read from frame {start} (no seeking in it)")
+    ok, frame = cap.read()
+    if not ok or frame is None:
+        raise UserError(f"video {source} has no frame {start}")
+    return frame
+
+
 def read_frames(cap: cv2.VideoCapture, info: VideoInfo, first: np.ndarray, stride: int,
-                max_frames: Optional[int], stats: ReadStats) -> Iterator[tuple[int, np.ndarray]]:
+                max_frames: Optional[int], stats: ReadStats, start: int = 0,
+                stop: Optional[int] = None) -> Iterator[tuple[int, np.ndarray]]:
     """(frame index, RGB uint8) every ``stride`` frames, at most ``max_frames``; ``first`` is
-    the frame :func:`open_video` read.
+    frame ``start``, already read (by :func:`open_video`, or :func:`seek`); frames from
+    ``stop`` on are not read.
 
     A frame that fails to decode before the known end is counted and skipped; many failures in a
     row end the stream.
     """
-    index, failures, yielded = -1, 0, 0
+    index, failures, yielded = start - 1, 0, 0
     pending: Optional[np.ndarray] = first
-    while max_frames is None or yielded < max_frames:
+    while (max_frames is None or yielded < max_frames) and (stop is None or index + 1 < stop):
         if pending is not None:
             ok, frame, pending = True, pending, None
         else:
@@ -283,6 +297,9 @@ class VideoOptions:
     save_labels: bool = False          # <stem>_labels.npz, one array per frame, streamed
     smoothing: Optional[float] = None
     frames_per_batch: Optional[int] = None
+    # frames start..stop-1 of a file only (resclip-batch splits videos into such ranges)
+    start: int = 0
+    stop: Optional[int] = None
 
 
 def video_stem(source: str) -> str:
@@ -309,6 +326,12 @@ def segment_video(source: str, segmenter: Segmenter, outdir: str, options: Video
     if options.stride < 1 or (options.max_frames is not None and options.max_frames < 1):
         raise UserError("--frame-stride and --max-frames must be at least 1")
     cap, info, first = open_video(source)
+    if options.start:
+        try:
+            first = seek(cap, source, options.start)
+        except UserError:
+            cap.release()
+            raise
     stem = video_stem(source)
     os.makedirs(outdir, exist_ok=True)
     final = {"video": os.path.join(outdir, f"{stem}_overlay.mp4")}
@@ -332,7 +355,8 @@ def segment_video(source: str, segmenter: Segmenter, outdir: str, options: Video
     start = time.perf_counter()
     try:
         for index, rgb, result in engine.run(read_frames(cap, info, first, options.stride,
-                                                         options.max_frames, stats)):
+                                                         options.max_frames, stats,
+                                                         options.start, options.stop)):
             if rgb.shape[:2] != info.size:
                 raise UserError(f"video {source}: frame {index} is {rgb.shape[1]}x"
                                 f"{rgb.shape[0]}, not {info.size[1]}x{info.size[0]}")
