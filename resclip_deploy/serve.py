@@ -37,6 +37,7 @@ import numpy as np
 from .errors import UserError
 from .io import decode_image, label_png_bytes, overlay_jpeg_bytes
 from .overlay import class_fractions, palette
+from .postprocess import Segmentation
 from .vocab import Vocabulary, parse_class_list
 
 FORMATS = ("png", "rle", "json")
@@ -204,19 +205,24 @@ class Service:
                 self._vocabularies.popitem(last=False)
         return seg
 
-    def segment(self, data: bytes, fmt: str, overlay: bool, classes: Optional[str],
-                ) -> tuple[bytes, str]:
-        """Decode, segment and encode one image (runs on the pool) -> (body, media type)."""
+    def decode(self, data: bytes, classes: Optional[str]) -> tuple[Any, np.ndarray]:
+        """The request's segmenter and its image (runs on the pool)."""
         check_image(data, self.settings.max_pixels)
         try:
             rgb = decode_image(data, "the image")
         except UserError as e:
             raise RequestError(400, str(e)) from None
-        seg = self.for_classes(classes)
-        try:
-            result = seg.segment(rgb, with_probs=False)
-        except UserError as e:
-            raise RequestError(422, str(e)) from None
+        return self.for_classes(classes), rgb
+
+    async def infer(self, seg: Any, rgb: np.ndarray) -> Segmentation:
+        """One image's labels: on the pool here; Ray Serve replicas batch clients instead
+        (ray_serve.py)."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self.pool, functools.partial(seg.segment, rgb, with_probs=False))
+
+    def encode(self, rgb: np.ndarray, result: Segmentation, fmt: str, overlay: bool,
+               ) -> tuple[bytes, str]:
+        """The answer's body and media type (runs on the pool)."""
         names = list(result.class_names)
         if fmt == "png" and overlay:
             return overlay_jpeg_bytes(rgb, result), "image/jpeg"
@@ -237,6 +243,18 @@ class Service:
             body["overlay_jpeg"] = base64.b64encode(overlay_jpeg_bytes(rgb, result)).decode()
         return json.dumps(body).encode(), "application/json"
 
+    async def segment(self, data: bytes, fmt: str, overlay: bool, classes: Optional[str],
+                      ) -> tuple[bytes, str]:
+        """Decode, segment and encode one image -> (body, media type); graph and image work
+        runs off the event loop."""
+        loop = asyncio.get_running_loop()
+        seg, rgb = await loop.run_in_executor(self.pool, self.decode, data, classes)
+        try:
+            result = await self.infer(seg, rgb)
+        except UserError as e:
+            raise RequestError(422, str(e)) from None
+        return await loop.run_in_executor(self.pool, self.encode, rgb, result, fmt, overlay)
+
 
 async def read_limited(stream: AsyncIterator[bytes], limit: int) -> bytes:
     """The request body, refused (413) as soon as it passes ``limit`` bytes."""
@@ -249,13 +267,15 @@ async def read_limited(stream: AsyncIterator[bytes], limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def create_app(segmenter: Any, settings: ServeSettings = ServeSettings()) -> Any:
-    """The FastAPI app around one segmenter (the same app runs under uvicorn or Ray Serve)."""
+def create_app(segmenter: Any, settings: ServeSettings = ServeSettings(),
+               service: Optional["Service"] = None) -> Any:
+    """The FastAPI app around one segmenter (the same app runs under uvicorn or Ray Serve,
+    whose replicas give their own ``service``)."""
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse, Response
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-    service = Service(segmenter, settings)
+    service = service or Service(segmenter, settings)
     page = page_files()
 
     @contextlib.asynccontextmanager
@@ -358,8 +378,8 @@ def create_app(segmenter: Any, settings: ServeSettings = ServeSettings()) -> Any
             if not body:
                 raise RequestError(400, "the request has no image (send it as the body or as "
                                         "the multipart field 'image')")
-            work = asyncio.get_running_loop().run_in_executor(service.pool, functools.partial(
-                service.segment, body, fmt, overlay in ("true", "1"), classes))
+            work = asyncio.ensure_future(service.segment(body, fmt, overlay in ("true", "1"),
+                                                         classes))
             # the slot is held until the work ends, even when the client was answered 504
             work.add_done_callback(service.release)
             try:
@@ -468,6 +488,9 @@ def _serve_command() -> Any:
                        "default: this machine's CPUs / replicas.")
     @click.option("--gpus-per-replica", type=click.FloatRange(min=0), default=0.0,
                   show_default=True, help="--ray: GPUs each replica asks Ray for.")
+    @click.option("--max-batch", type=click.IntRange(min=1), default=None,
+                  help="--ray: images of concurrent requests per graph run (Ray Serve's "
+                       "batching); default 4 with --gpus-per-replica, else 1.")
     @click.option("--ray-address", default=None,
                   help="--ray: an existing cluster (e.g. auto, ray://head:10001); default: "
                        "start Ray on this machine.")
@@ -478,7 +501,8 @@ def _serve_command() -> Any:
                    cors_origins: tuple[str, ...], max_request_mb: float, max_pixels: int,
                    max_in_flight: int, workers: int, timeout_s: float, use_ray: bool,
                    replicas: int, autoscale: Optional[str], cpus_per_replica: Optional[float],
-                   gpus_per_replica: float, ray_address: Optional[str], quiet: bool) -> None:
+                   gpus_per_replica: float, max_batch: Optional[int],
+                   ray_address: Optional[str], quiet: bool) -> None:
         """Serve a bundle over HTTP: POST /v1/segment, GET /healthz /readyz /v1/info /metrics."""
         _setup_logging(quiet)
         token = read_token(token_file) if token_file else None
@@ -493,11 +517,12 @@ def _serve_command() -> Any:
                                 "--cpus-per-replica; leave --threads out")
             _serve_on_ray(bundle_dir, device, settings, host, port, replicas,
                           _replica_range(autoscale), cpus_per_replica, gpus_per_replica,
-                          ray_address)
+                          max_batch, ray_address)
             return
-        if autoscale or cpus_per_replica is not None or gpus_per_replica or ray_address:
-            raise UserError("--autoscale, --cpus-per-replica, --gpus-per-replica and "
-                            "--ray-address need --ray")
+        if (autoscale or cpus_per_replica is not None or gpus_per_replica or ray_address
+                or max_batch):
+            raise UserError("--autoscale, --cpus-per-replica, --gpus-per-replica, --max-batch "
+                            "and --ray-address need --ray")
         try:
             import fastapi  # noqa: F401
             import uvicorn
@@ -526,7 +551,7 @@ def _replica_range(text: Optional[str]) -> Optional[tuple[int, int]]:
 def _serve_on_ray(bundle_dir: str, device: str, settings: ServeSettings, host: str, port: int,
                   replicas: int, autoscale: Optional[tuple[int, int]],
                   cpus_per_replica: Optional[float], gpus_per_replica: float,
-                  address: Optional[str]) -> None:
+                  max_batch: Optional[int], address: Optional[str]) -> None:
     try:
         import ray  # noqa: F401
         from ray import serve  # noqa: F401
@@ -538,7 +563,7 @@ def _serve_on_ray(bundle_dir: str, device: str, settings: ServeSettings, host: s
     if cpus_per_replica is None:
         cpus_per_replica = float(max(1, (os.cpu_count() or 1) // (autoscale or (0, replicas))[1]))
     ray_serve.run(ray_serve.application(bundle_dir, device, settings, replicas, autoscale,
-                                        cpus_per_replica, gpus_per_replica),
+                                        cpus_per_replica, gpus_per_replica, max_batch),
                   host, port, address)
 
 

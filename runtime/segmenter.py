@@ -410,6 +410,35 @@ class Segmenter:
         logits, _ = self.forward_windows(prepared.windows, times)
         return self.finish([prepared], logits, with_probs, times)[0]
 
+    def segment_many(self, rgbs: list[np.ndarray], with_probs: bool = True,
+                     ) -> list[Segmentation]:
+        """Several images, their windows through the graphs in one run per group of equal
+        window shape (slide mode: every window is crop x crop, whatever the image size), each
+        result equal to :meth:`segment` of its image. What pays on a GPU, where one image
+        leaves the device idle between small runs; a server batches its clients with it."""
+        times = Timings()
+        with times("preprocess"):
+            prepared = [self.prepare(rgb) for rgb in rgbs]
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, item in enumerate(prepared):
+            groups.setdefault(item.windows.shape[1:], []).append(i)
+        results: list[Optional[Segmentation]] = [None] * len(rgbs)
+        for members in groups.values():
+            logits, _ = self.forward_windows(
+                np.concatenate([prepared[i].windows for i in members]), times)
+            # the output graph takes images of one size per run: split the rest on the host
+            sizes = {(prepared[i].image_hw, prepared[i].input_hw) for i in members}
+            if len(sizes) == 1:
+                done = self.finish([prepared[i] for i in members], logits, with_probs, times)
+            else:
+                parts = np.split(self.host(logits), np.cumsum(
+                    [len(prepared[i].windows) for i in members])[:-1])
+                done = [self.finish([prepared[i]], part, with_probs, times)[0]
+                        for i, part in zip(members, parts)]
+            for i, seg in zip(members, done):
+                results[i] = seg
+        return results
+
 
 def text_encoder(bundle: Bundle, device: str, threads: Optional[int],
                  cache_dir: Optional[str]) -> TextEncoder:

@@ -140,3 +140,24 @@ def test_the_text_bank_goes_up_once(tiny_bundle):
     seg.io = type(seg.io)()
     seg.segment(rgb, with_probs=False)
     assert first - seg.io.to_device == seg.text.nbytes == 3 * 64 * 4
+
+
+@pytest.mark.parametrize("name", ["ade20k_chelsea", "voc20_astronaut"])
+def test_segment_many_equals_segment_per_image(bundle_for, name):
+    """Slide mode: images of different sizes share one run (windows are all crop-sized);
+    whole-image mode: one group per size. Each result is the image segmented alone."""
+    seg = Segmenter.from_bundle(str(bundle_for(case_by_name(name))), device="cpu")
+    photos = [read_image(str(p)) for p in PHOTOS]
+    images = [photos[0], photos[1], cv2.resize(photos[0], (200, 150)), photos[1]]
+    runs = []
+    original = seg.forward_windows
+    seg.forward_windows = lambda windows, times=None: (runs.append(len(windows)),
+                                                       original(windows, times))[1]
+    many = seg.segment_many(images, with_probs=True)
+    seg.forward_windows = original
+    for image, got in zip(images, many):
+        want = seg.segment(image)
+        np.testing.assert_array_equal(got.labels, want.labels)
+        np.testing.assert_allclose(got.probs, want.probs, rtol=0, atol=1e-6)
+    # slide: one run for all four; whole image: one per distinct resized size (3)
+    assert len(runs) == (1 if name.startswith("ade20k") else 3), runs

@@ -1,9 +1,11 @@
 """resclip-serve --ray: a real Ray Serve deployment (local Ray, 2 CPUs, two replicas of one CPU
-each) serving the same app: labels equal to Segmenter.segment, bad input refused, and a replica
-killed during a bounded load run: every answered request correct, the service back to two
-replicas and answering. Every process of the service's session is gone after it stops."""
+each, batching concurrent requests) serving the same app: labels equal to Segmenter.segment,
+bad input refused, and a replica killed during a bounded load run: every answered request
+correct, the service back to two replicas and answering. Every process of the service's
+session is gone after it stops."""
 
 import os
+import re
 import signal
 import threading
 import time
@@ -34,8 +36,9 @@ def wait_for(condition, timeout_s, what):
 @pytest.fixture(scope="module")
 def ray_server(bundle_for):
     case = CASES[0]
+    # --max-batch 2: the load below goes through Ray Serve's batching in each replica
     server = ServiceProcess(str(bundle_for(case)), "--ray", "--replicas", "2",
-                            "--cpus-per-replica", "1", "--device", "cpu",
+                            "--cpus-per-replica", "1", "--device", "cpu", "--max-batch", "2",
                             env={"RAY_USAGE_STATS_ENABLED": "0"}, ready_timeout_s=300)
     try:
         wait_for(lambda: len(replicas(server)) == 2, 120, "two replicas up")
@@ -76,9 +79,18 @@ def test_ray_replicas_answer_like_the_segmenter(ray_server):
         client.close()
     status, info = get(server.url + "/v1/info")
     assert status == 200 and b'"classes"' in info
-    # both replicas answer under two clients, every answer right
-    row = load_level(server.url, data, want, 2, 8)
-    assert row["ok"] == 8, row
+    # both replicas answer under four clients, every answer right, and concurrent requests
+    # share graph runs (Ray Serve's batching, up to 2 per replica)
+    row = load_level(server.url, data, want, 4, 12)
+    assert row["ok"] == 12, row
+    batched = []
+    for _ in range(8):                              # /metrics answers from either replica
+        status, text = get(server.url + "/metrics")
+        assert status == 200
+        counts = dict(re.findall(r'^resclip_batch_images_(count|bucket\{le="1.0"\}) (\S+)',
+                                 text.decode(), re.M))
+        batched.append(float(counts["count"]) - float(counts['bucket{le="1.0"}']))
+    assert max(batched) > 0, batched
     assert cv2.imdecode(np.frombuffer(want, np.uint8), cv2.IMREAD_UNCHANGED).tolist() == \
         result.labels.tolist()
 
@@ -107,3 +119,40 @@ def test_a_replica_killed_during_load(ray_server):
              "Ray restarting the killed replica")
     after = load_level(server.url, data, want, 2, 4)
     assert after["ok"] == 4, after
+
+
+def test_segment_groups_batches_per_vocabulary_and_isolates_errors(bundle_for):
+    """What a replica runs on each gathered batch: one segment_many per segmenter (one per
+    vocabulary), each answer the image segmented alone, an image the segmenter refuses gets
+    its own error and the others their results. (Ray Serve's batching itself runs only in a
+    replica: the deployment above answers through it.)"""
+    from resclip_deploy.errors import UserError
+    from resclip_deploy.ray_serve import segment_groups
+    from resclip_deploy.runtime.segmenter import Segmenter
+
+    seg = Segmenter.from_bundle(str(bundle_for(CASES[0])), device="cpu")
+    other = Segmenter.from_bundle(str(bundle_for(CASES[0])), device="cpu")
+    calls = []
+
+    def spy(segmenter):
+        original = segmenter.segment_many
+
+        def segment_many(rgbs, with_probs=True):
+            calls.append((id(segmenter), len(rgbs)))
+            return original(rgbs, with_probs)
+        segmenter.segment_many = segment_many
+
+    spy(seg)
+    spy(other)
+    rgb = cv2.cvtColor(cv2.imread(str(case_image(CASES[0]))), cv2.COLOR_BGR2RGB)
+    images = [rgb, rgb[:200, :300], rgb[50:, 40:]]
+    results = segment_groups([(seg, images[0]), (other, images[1]), (seg, images[2])])
+    assert sorted(calls) == sorted([(id(seg), 2), (id(other), 1)]), calls
+    for image, got in zip(images, results):
+        np.testing.assert_array_equal(got.labels, seg.segment(image, with_probs=False).labels)
+    calls.clear()
+    bad = np.zeros((1, 2000, 3), np.uint8)                  # too thin for one patch
+    results = segment_groups([(seg, images[0]), (seg, bad)])
+    assert isinstance(results[1], UserError), results[1]
+    np.testing.assert_array_equal(results[0].labels,
+                                  seg.segment(images[0], with_probs=False).labels)
