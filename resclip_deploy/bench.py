@@ -6,6 +6,7 @@ the torch reference runs on the same image in a subprocess. Medians over --runs 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -15,7 +16,7 @@ import sys
 import tempfile
 import time
 from importlib import resources
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import click
 import cv2
@@ -46,10 +47,15 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024     # Linux: KiB
 
 
-def time_runtime(segmenter: Any, rgb: np.ndarray, runs: int, warmup: int) -> dict[str, Any]:
+def time_runtime(segmenter: Any, rgb: np.ndarray, runs: int, warmup: int,
+                 alongside: Optional[Callable[[], None]] = None) -> dict[str, Any]:
+    """Median seconds per image and per stage over ``runs`` after ``warmup``; ``peak_rss_mb``
+    is read after the warm-up. ``alongside``: run (and timed, ``alongside_s``) after each image,
+    so that both see the same drift of a noisy machine."""
     for _ in range(warmup):
         segmenter.segment(rgb, with_probs=False)
-    totals, stages, host, io = [], [], [], None
+    peak = peak_rss_mb()
+    totals, stages, host, io, other = [], [], [], None, []
     for _ in range(runs):
         segmenter.io = type(segmenter.io)()
         start = time.perf_counter()
@@ -58,12 +64,17 @@ def time_runtime(segmenter: Any, rgb: np.ndarray, runs: int, warmup: int) -> dic
         stages.append(out.timings)
         io = segmenter.io
         host.append(totals[-1] - io.graph_s)
+        if alongside is not None:
+            start = time.perf_counter()
+            alongside()
+            other.append(time.perf_counter() - start)
     return {"total_s": statistics.median(totals),
             "stages_s": {k: statistics.median(s.get(k, 0.0) for s in stages) for k in STAGES},
             # Critical path outside graph runs (decode/encode of files excluded: not timed here)
             "host_s": statistics.median(host),
             "graph_runs": io.runs, "bytes_to_device": io.to_device, "bytes_to_host": io.to_host,
-            "labels": out.labels}
+            "labels": out.labels, "peak_rss_mb": peak,
+            "alongside_s": statistics.median(other) if other else None}
 
 
 def window_sweep(segmenter: Any, rgb: np.ndarray, counts: tuple[int, ...],
@@ -120,34 +131,28 @@ def labels_agreement(segmenter: Any, baseline_dir: str, threads: Optional[int],
     return {"baseline": os.path.abspath(baseline_dir), "images": per, "all": equal / total}
 
 
-def time_floor(segmenter: Any, bundle: str, rgb: np.ndarray, runs: int, device: str,
-               threads: Optional[int]) -> dict[str, Any]:
+def floor_tower(segmenter: Any, bundle: str, rgb: np.ndarray, device: str,
+                threads: Optional[int], tmp: str) -> tuple[Callable[[], None], dict[str, Any]]:
     """The floor: a plain ViT tower of the bundle's size (export/floor.py, in a subprocess with
     torch) on this image's windows, in ONNX Runtime in this process with the runtime's own
-    session options; median seconds per image over ``runs`` after a warm-up."""
+    session options -> (one run of it, warmed up; what it is)."""
     from .runtime.providers import OPENVINO_DEVICES, create_session
     windows = prepare(rgb, segmenter.params, segmenter.patch, segmenter.norm).windows
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "floor.onnx")
-        args = json.dumps({"bundle": os.path.abspath(bundle), "hw": list(windows.shape[2:]),
-                           "batch": len(windows), "out": path})
-        result = subprocess.run([sys.executable, "-m", "resclip_deploy.export.floor", args],
-                                capture_output=True, text=True)
-        if result.returncode != 0:
-            tail = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
-            raise UserError(f"the floor's plain ViT tower could not be exported ({tail}); it "
-                            "needs the [export] extra, or use --no-floor")
-        # ONNX Runtime's CPU provider on a CPU, whichever runtime the bundle ran on
-        session = create_session(path, "cpu" if device in OPENVINO_DEVICES else device, threads)
-        name = session.get_inputs()[0].name
-        session.run(None, {name: windows})
-        times = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            session.run(None, {name: windows})
-            times.append(time.perf_counter() - start)
-    return {"floor_s": statistics.median(times), "windows": len(windows),
-            "providers": session.get_providers()}
+    path = os.path.join(tmp, "floor.onnx")
+    args = json.dumps({"bundle": os.path.abspath(bundle), "hw": list(windows.shape[2:]),
+                       "batch": len(windows), "out": path})
+    result = subprocess.run([sys.executable, "-m", "resclip_deploy.export.floor", args],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        tail = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise UserError(f"the floor's plain ViT tower could not be exported ({tail}); it "
+                        "needs the [export] extra, or use --no-floor")
+    # ONNX Runtime's CPU provider on a CPU, whichever runtime the bundle ran on
+    session = create_session(path, "cpu" if device in OPENVINO_DEVICES else device, threads)
+    feeds = {session.get_inputs()[0].name: windows}
+    session.run(None, feeds)
+    return (lambda: session.run(None, feeds)), {"windows": len(windows),
+                                                 "providers": session.get_providers()}
 
 
 # HBM bandwidth of an H200-class GPU: graph traffic / this = the time it implies, unfused.
@@ -282,7 +287,21 @@ def benchmark(bundle_dir: str, image: Optional[str] = None,
     p = segmenter.params
     x_hw = geometry.keep_ratio_size(*rgb.shape[:2], p.short_side, p.long_side_max)
     n_windows = len(geometry.window_boxes(*x_hw, p.mode, p.crop, p.stride))
-    ours = time_runtime(segmenter, rgb, runs, warmup)
+    with contextlib.ExitStack() as stack:
+        floor_run, floor_info = None, None
+        if floor:
+            # read the runtime's peak memory first (after at least one image): the floor's
+            # session is not the runtime's
+            for _ in range(max(1, warmup)):
+                segmenter.segment(rgb, with_probs=False)
+            warmed, warmup = peak_rss_mb(), 0
+            floor_run, floor_info = floor_tower(segmenter, bundle_dir, rgb, device, threads,
+                                                stack.enter_context(tempfile.TemporaryDirectory()))
+        # runtime and floor alternate: a noisy machine's drift hits both alike
+        ours = time_runtime(segmenter, rgb, runs, warmup, floor_run)
+        if floor:
+            ours["peak_rss_mb"] = warmed
+        floor_run = None
     report: dict[str, Any] = {
         "bundle": os.path.abspath(bundle_dir), "image_hw": list(rgb.shape[:2]),
         "input_hw": list(x_hw), "windows": n_windows, "mode": p.mode,
@@ -290,12 +309,12 @@ def benchmark(bundle_dir: str, image: Optional[str] = None,
         "precision": segmenter.bundle.manifest.precision,
         "providers": segmenter.providers, "stages": segmenter.plan, "runs": runs,
         "runtime": {"total_s": ours["total_s"], "stages_s": ours["stages_s"],
-                    "peak_rss_mb": peak_rss_mb(),
+                    "peak_rss_mb": ours["peak_rss_mb"],
                     **{k: ours[k] for k in ("host_s", "graph_runs", "bytes_to_device",
                                             "bytes_to_host")}}}
     if floor:
-        report["floor"] = time_floor(segmenter, bundle_dir, rgb, runs, device, threads)
-        report["floor"]["ratio"] = ours["total_s"] / report["floor"]["floor_s"]
+        report["floor"] = {"floor_s": ours["alongside_s"], **floor_info,
+                           "ratio": ours["total_s"] / ours["alongside_s"]}
     if against or device in OPENVINO_DEVICES:
         # after peak RSS was read: the baseline's graphs are not this run's memory
         report["agreement"] = labels_agreement(segmenter, against or bundle_dir, threads,

