@@ -6,7 +6,6 @@ the torch reference runs on the same image in a subprocess. Medians over --runs 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import resource
@@ -49,12 +48,11 @@ def peak_rss_mb() -> float:
 
 def time_runtime(segmenter: Any, rgb: np.ndarray, runs: int, warmup: int,
                  alongside: Optional[Callable[[], None]] = None) -> dict[str, Any]:
-    """Median seconds per image and per stage over ``runs`` after ``warmup``; ``peak_rss_mb``
-    is read after the warm-up. ``alongside``: run (and timed, ``alongside_s``) after each image,
-    so that both see the same drift of a noisy machine."""
+    """Median seconds per image and per stage over ``runs`` after ``warmup``. ``alongside``:
+    run (and timed, ``alongside_s``) after each image, so that both see the same drift of a
+    noisy machine."""
     for _ in range(warmup):
         segmenter.segment(rgb, with_probs=False)
-    peak = peak_rss_mb()
     totals, stages, host, io, other = [], [], [], None, []
     for _ in range(runs):
         segmenter.io = type(segmenter.io)()
@@ -73,7 +71,7 @@ def time_runtime(segmenter: Any, rgb: np.ndarray, runs: int, warmup: int,
             # Critical path outside graph runs (decode/encode of files excluded: not timed here)
             "host_s": statistics.median(host),
             "graph_runs": io.runs, "bytes_to_device": io.to_device, "bytes_to_host": io.to_host,
-            "labels": out.labels, "peak_rss_mb": peak,
+            "labels": out.labels,
             "alongside_s": statistics.median(other) if other else None}
 
 
@@ -287,21 +285,16 @@ def benchmark(bundle_dir: str, image: Optional[str] = None,
     p = segmenter.params
     x_hw = geometry.keep_ratio_size(*rgb.shape[:2], p.short_side, p.long_side_max)
     n_windows = len(geometry.window_boxes(*x_hw, p.mode, p.crop, p.stride))
-    with contextlib.ExitStack() as stack:
-        floor_run, floor_info = None, None
-        if floor:
-            # read the runtime's peak memory first (after at least one image): the floor's
-            # session is not the runtime's
-            for _ in range(max(1, warmup)):
-                segmenter.segment(rgb, with_probs=False)
-            warmed, warmup = peak_rss_mb(), 0
-            floor_run, floor_info = floor_tower(segmenter, bundle_dir, rgb, device, threads,
-                                                stack.enter_context(tempfile.TemporaryDirectory()))
+    for _ in range(max(1, warmup)):
+        segmenter.segment(rgb, with_probs=False)
+    # the runtime's peak memory, read before the floor's session loads
+    peak = peak_rss_mb()
+    with tempfile.TemporaryDirectory() as tmp:
+        floor_run, floor_info = (floor_tower(segmenter, bundle_dir, rgb, device, threads, tmp)
+                                 if floor else (None, None))
         # runtime and floor alternate: a noisy machine's drift hits both alike
-        ours = time_runtime(segmenter, rgb, runs, warmup, floor_run)
-        if floor:
-            ours["peak_rss_mb"] = warmed
-        floor_run = None
+        ours = time_runtime(segmenter, rgb, runs, 0, floor_run)
+    floor_run = None                # its session is not needed past here
     report: dict[str, Any] = {
         "bundle": os.path.abspath(bundle_dir), "image_hw": list(rgb.shape[:2]),
         "input_hw": list(x_hw), "windows": n_windows, "mode": p.mode,
@@ -309,7 +302,7 @@ def benchmark(bundle_dir: str, image: Optional[str] = None,
         "precision": segmenter.bundle.manifest.precision,
         "providers": segmenter.providers, "stages": segmenter.plan, "runs": runs,
         "runtime": {"total_s": ours["total_s"], "stages_s": ours["stages_s"],
-                    "peak_rss_mb": ours["peak_rss_mb"],
+                    "peak_rss_mb": peak,
                     **{k: ours[k] for k in ("host_s", "graph_runs", "bytes_to_device",
                                             "bytes_to_host")}}}
     if floor:

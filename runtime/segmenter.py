@@ -364,16 +364,19 @@ class Segmenter:
 
     def finish(self, items: list[Prepared], logits: Any, with_probs: bool,
                times: Optional[Timings] = None) -> list[Segmentation]:
-        """(sum of K, Q, N) logits of ``items`` (images of one size: a video batch, or one
-        image) -> one Segmentation each, at its original size."""
+        """(sum of K, Q, N) logits of ``items`` (a video batch, one image, or images of any
+        sizes) -> one Segmentation each, at its original size."""
         times = Timings() if times is None else times
-        if self.plan["output"] == NUMPY:
+        sizes = {(i.image_hw, i.input_hw) for i in items}
+        if self.plan["output"] == NUMPY or len(sizes) > 1:
             parts = np.split(self.host(logits), np.cumsum([len(i.windows) for i in items])[:-1])
-            return [finish(item, part, self.params, self.patch, self.vocab, with_probs, times)
+            if self.plan["output"] == NUMPY:
+                return [finish(item, part, self.params, self.patch, self.vocab, with_probs,
+                               times) for item, part in zip(items, parts)]
+            # one output graph run takes images of one size
+            return [self.finish([item], part, with_probs, times)[0]
                     for item, part in zip(items, parts)]
         first = items[0]
-        assert all(i.image_hw == first.image_hw and i.input_hw == first.input_hw
-                   for i in items), "one output graph run takes images of one size"
         frames, (h0, w0) = len(items), first.image_hw
         names = self.vocab.class_names
         labels = np.empty((frames, h0, w0), dtype=np.int32)
@@ -433,15 +436,7 @@ class Segmenter:
         for members in groups.values():
             logits, _ = self.forward_windows(
                 np.concatenate([prepared[i].windows for i in members]), times)
-            # the output graph takes images of one size per run: split the rest on the host
-            sizes = {(prepared[i].image_hw, prepared[i].input_hw) for i in members}
-            if len(sizes) == 1:
-                done = self.finish([prepared[i] for i in members], logits, with_probs, times)
-            else:
-                parts = np.split(self.host(logits), np.cumsum(
-                    [len(prepared[i].windows) for i in members])[:-1])
-                done = [self.finish([prepared[i]], part, with_probs, times)[0]
-                        for i, part in zip(members, parts)]
+            done = self.finish([prepared[i] for i in members], logits, with_probs, times)
             for i, seg in zip(members, done):
                 results[i] = seg
         return results
