@@ -3,22 +3,27 @@
 Each iteration sets every pixel's mask to the affinity-weighted sum of its 16 neighbours, the same
 weights for every query. That is one sparse (HW x HW) matrix with 16 entries per row applied to a
 (HW, Q) matrix: :func:`pamr` runs it with scipy as one fused pass per iteration (no (Q, 16, H, W)
-tensors, which made the reference spend 96 % of its time here). :func:`refine` runs the same
-sums, bit for bit, through the compiled kernel of pamr_kernel.py (numba), about 3x faster, and
-falls back to scipy where numba cannot be imported.
+tensors, which made the reference spend 96 % of its time here). :func:`refined_scores` (the
+pre-pass from the patch logits to softmax's exponent) runs the same sums, bit for bit, through
+the compiled kernel of pamr_kernel.py (numba), and falls back to scipy where numba cannot be
+imported.
 """
 
 from __future__ import annotations
 
 import functools
 from concurrent.futures import Executor
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import scipy.sparse as sp
 
+from .geometry import resize_bilinear_hwc
+
 # Neighbour offsets (dy, dx) of one dilation, row-major without the centre.
 OFFSETS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
+# Queries upsampled (and refined by the kernel) together: one AVX-512 vector
+QUERY_BLOCK = 16
 _WITH_CENTRE = tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1))
 
 
@@ -113,15 +118,47 @@ def pamr(mask: np.ndarray, affinity: sp.csr_matrix, iterations: int,
     return mask
 
 
-def refine(mask: np.ndarray, image: np.ndarray, dilations: tuple[int, ...], iterations: int,
-           pool: Optional[Executor] = None, tasks: int = 1) -> np.ndarray:
-    """(h·w, Q) float32 mask guided by the (3, h, w) image -> PAMR's result: the compiled
-    kernel, or scipy's :func:`pamr` (the same numbers) where numba is not installed.
-    ``tasks``: parallel tasks on ``pool``. ``mask`` may be overwritten (it is a temporary
-    the size of the result)."""
-    aff = affinities(image, dilations)
+def upsampled_block(grid: np.ndarray, first: int, hw: tuple[int, int]) -> np.ndarray:
+    """Queries first..first+15 of the (gh, gw, Q) logits, bilinear to (h, w) -> (h·w, 16)
+    float32, zero past Q. Always 16 channels: OpenCV resizes 1, 3 or 4 channels on paths of
+    their own whose roundings differ, so the kernel's blocks and the whole array would not
+    agree bit for bit."""
+    part = grid[:, :, first:first + QUERY_BLOCK]
+    if part.shape[2] < QUERY_BLOCK:
+        part = np.pad(part, ((0, 0), (0, 0), (0, QUERY_BLOCK - part.shape[2])))
+    return resize_bilinear_hwc(part, hw).reshape(hw[0] * hw[1], QUERY_BLOCK)
+
+
+def compiled_kernel() -> Any:
+    """The pamr_kernel module, or None where numba cannot be imported."""
     try:
         from . import pamr_kernel
     except ImportError:
-        return pamr(mask, as_matrix(aff, dilations), iterations, pool, tasks)
-    return pamr_kernel.pamr(mask, aff, iterations, dilations, OFFSETS, pool, tasks)
+        return None
+    return pamr_kernel
+
+
+def refined_scores(grid: np.ndarray, image: np.ndarray, dilations: tuple[int, ...],
+                   iterations: int, scale: float, pool: Optional[Executor] = None,
+                   tasks: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(gh, gw, Q) float32 logits guided by the (3, h, w) image -> (h·w,) int64 argmax query
+    and (h·w, Q) float32 scores: the logits upsampled bilinearly to (h, w), refined by PAMR,
+    times ``scale``, minus each pixel's maximum (softmax's exponent, all ≤ 0).
+
+    The compiled kernel (pamr_kernel) computes it; scipy's :func:`pamr` gives the same numbers
+    where numba is missing. ``tasks``: parallel tasks on ``pool``.
+    """
+    h, w = image.shape[1:]
+    aff = affinities(image, dilations)
+    kernel = compiled_kernel()
+    if kernel is not None and tuple(dilations) == kernel.DILATIONS:
+        z = kernel.scaled_refinement(grid, aff, iterations, scale, pool, tasks)
+    else:
+        q = grid.shape[2]
+        up = np.concatenate([upsampled_block(grid, b, (h, w))
+                             for b in range(0, q, QUERY_BLOCK)], axis=1)[:, :q]
+        z = pamr(np.ascontiguousarray(up), as_matrix(aff, dilations), iterations, pool, tasks)
+        z *= np.float32(scale)
+    best = z.argmax(axis=1)
+    z -= np.take_along_axis(z, best[:, None], axis=1)
+    return best, z

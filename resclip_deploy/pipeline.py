@@ -16,7 +16,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 
 from . import geometry, sfr
-from .pamr import refine
+from .pamr import refined_scores
 from .params import PAMR_DILATIONS, PAMR_ITERATIONS, ResCLIPParams
 from .postprocess import Segmentation, finalize
 from .vocab import Vocabulary
@@ -31,16 +31,11 @@ def prepass_probs(logits: np.ndarray, image: np.ndarray, logit_scale: float,
     PAMR runs as ``blocks`` parallel tasks on ``pool`` when given: how a single window
     (whole-image mode) uses every core.
     """
-    q = logits.shape[0]
     h, w = image.shape[1:]
-    up = geometry.resize_bilinear_hwc(logits.transpose(1, 2, 0), (h, w)).reshape(h * w, q)
-    refined = refine(up, image, PAMR_DILATIONS, PAMR_ITERATIONS, pool, blocks)
+    best, z = refined_scores(logits.transpose(1, 2, 0), image, PAMR_DILATIONS, PAMR_ITERATIONS,
+                             logit_scale, pool, blocks)
     # softmax's largest value is exp(0) / Σ exp(s·(z − max)): argmax and max probability without
     # normalising the (h·w, Q) array.
-    z = refined
-    z *= np.float32(logit_scale)
-    best = z.argmax(axis=1)
-    z -= np.take_along_axis(z, best[:, None], axis=1)
     np.exp(z, out=z)
     return best.reshape(h, w), (np.float32(1) / z.sum(axis=1)).reshape(h, w)
 
