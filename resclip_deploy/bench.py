@@ -46,6 +46,15 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024     # Linux: KiB
 
 
+def providers_line(providers: dict[str, list[str]]) -> str:
+    """Where the graphs ran: one list when all ran alike, else per graph (e.g. OpenVINO's bf16
+    encoder beside its f32 head)."""
+    kinds = {", ".join(p) for p in providers.values()}
+    if len(kinds) == 1:
+        return kinds.pop()
+    return "; ".join(f"{graph}: {', '.join(p)}" for graph, p in providers.items())
+
+
 def time_runtime(segmenter: Any, rgb: np.ndarray, runs: int, warmup: int,
                  alongside: Optional[Callable[[], None]] = None) -> dict[str, Any]:
     """Median seconds per image and per stage over ``runs`` after ``warmup``. ``alongside``:
@@ -361,11 +370,10 @@ def format_report(report: dict[str, Any]) -> str:
     rows.append(("peak RSS MB", f"{ours['peak_rss_mb']:.0f}",
                  *((f"{ref['peak_rss_mb']:.0f}",) if ref else ())))
     h, w = report["image_hw"]
-    first = next(iter(report["providers"]))
     lines = [f"{os.path.basename(report['bundle'])}: {h}x{w} image -> {report['input_hw'][0]}x"
              f"{report['input_hw'][1]} input, {report['windows']} window(s), "
              f"{report['queries']} queries, {report['precision']}, "
-             f"{', '.join(report['providers'][first])}", table(rows)]
+             f"{providers_line(report['providers'])}", table(rows)]
     lines.append(f"host time outside graph runs: {ours['host_s']:.3f} s per image; "
                  f"{ours['graph_runs']} graph runs; into / out of the graphs with these stages: "
                  f"{ours['bytes_to_device'] / 1e6:.2f} MB up, {ours['bytes_to_host'] / 1e6:.2f} "

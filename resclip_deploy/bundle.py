@@ -28,7 +28,7 @@ SCHEMA_VERSION = 2
 FORMAT = "resclip-deploy bundle"
 MANIFEST = "manifest.json"
 TEXT_BANK_FILE = "text_bank.npy"
-PRECISIONS = ("fp32", "fp16", "int8", "int8-static")
+PRECISIONS = ("fp32", "fp16", "int8", "int8-static", "int8-weights")
 TEXT_BANKS = ("constant", "input")
 # The one resize rule of the method: keep the aspect ratio, bilinear on the uint8 image.
 RESIZE_RULES = ("keep-ratio-bilinear",)

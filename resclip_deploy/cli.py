@@ -286,8 +286,9 @@ def _progress(what: str) -> Callable[[int, int], None]:
               show_default=True,
               help="Graph precision: fp32; fp16 for GPUs (matrix products in fp16); int8 for "
                    "CPUs (dynamic: activations quantized at run time; fastest on ONNX "
-                   "Runtime); int8-static for CPUs (calibrated QDQ; fastest on --device "
-                   "openvino). int8 agreement with fp32 is recorded, not enforced.")
+                   "Runtime); int8-static for CPUs (calibrated QDQ); int8-weights for CPUs "
+                   "(int8 weights, the head at fp32; fastest on --device openvino, and the "
+                   "closest to fp32). int8 agreement with fp32 is recorded, not enforced.")
 @click.option("--calibration", "calibration", multiple=True, type=click.Path(dir_okay=False),
               help="int8-static: a calibration photo (repeat for more; default: the "
                    "package's photo).")

@@ -198,7 +198,7 @@ def test_tiny_random_open_clip_vit_exports_and_runs(tiny_files, tmp_path, change
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("precision", ["fp16", "int8", "int8-static"])
+@pytest.mark.parametrize("precision", ["fp16", "int8", "int8-static", "int8-weights"])
 def test_reduced_precision_bundles_are_what_they_say_and_report_agreement(
         precision, fixture_clip, tmp_path):
     import onnx
@@ -228,6 +228,19 @@ def test_reduced_precision_bundles_are_what_they_say_and_report_agreement(
     elif precision == "int8":
         assert check["thresholds"] is None
         assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
+    elif precision == "int8-weights":
+        # every matrix product's weight int8, restored in front of it; float activations; the
+        # head untouched
+        assert check["thresholds"] is None
+        restored = {n.output[0] for n in graph.graph.node if n.op_type == "DequantizeLinear"}
+        weights = {n.input[1] for n in graph.graph.node if n.op_type == "MatMul"}
+        floats = {i.name for i in graph.graph.initializer if i.data_type == onnx.TensorProto.FLOAT
+                  and len(i.dims) == 2}
+        assert restored and restored <= weights and not weights & floats
+        assert onnx.TensorProto.INT8 in weight_types and "QuantizeLinear" not in ops
+        head = onnx.load(str(tmp_path / "b" / "head.onnx")).graph
+        assert "DequantizeLinear" not in {n.op_type for n in head.node}
+        assert onnx.TensorProto.INT8 not in {i.data_type for i in head.initializer}
     else:
         # calibrated: fixed activation scales (QDQ pairs around every matrix product), no
         # quantization at run time; the head graph too
@@ -244,8 +257,12 @@ def test_reduced_precision_bundles_are_what_they_say_and_report_agreement(
     agreement = (out.labels == ref["labels"]).mean()
     assert agreement >= (0.98 if precision == "fp16" else 0.85), agreement
     if precision.startswith("int8"):     # the same integer graphs in OpenVINO
-        ov = Segmenter.from_bundle(str(tmp_path / "b"), device="openvino").segment(rgb)
+        ov_seg = Segmenter.from_bundle(str(tmp_path / "b"), device="openvino")
+        ov = ov_seg.segment(rgb)
         assert (ov.labels == ref["labels"]).mean() >= 0.85
+        if precision == "int8-weights":     # integer products, said so; the head at f32
+            assert ov_seg.providers["encoder"] == ["OpenVINO CPU f32 (weight products i8)"]
+            assert ov_seg.providers["head"] == ["OpenVINO CPU f32"]
 
 
 TRICKY = ["a photo of a café.", "  Multiple   SPACES\tand\nlines ", "rock'n'roll's", "t-shirt",
