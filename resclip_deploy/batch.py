@@ -122,8 +122,10 @@ def plan(paths: list[str], outdir: str, options: SegmentOptions) -> Plan:
         if not is_uri(path) and not os.path.isfile(path):
             missing.append(path)
         elif is_video_file(path):
-            joined = os.path.exists(os.path.join(outdir, f"{stem}_overlay.mp4"))
-            (done if joined else videos).append(path if joined else (path, stem))
+            if os.path.exists(os.path.join(outdir, f"{stem}_overlay.mp4")):
+                done.append(path)       # its ranges were joined by an earlier run
+            else:
+                videos.append((path, stem))
         elif all(os.path.exists(p) for p in expected_outputs(outdir, stem, options)):
             done.append(path)
         else:

@@ -1,7 +1,7 @@
 """The SFR pre-pass's refinement as a compiled kernel (numba): bilinear upsampling into a layout
 of its own, PAMR's iterations, and softmax's exponent; the same sums in the same order as
-:func:`pamr.refined_scores`' scipy path, so the results are bit-identical, about 4x faster on one
-core.
+:func:`pamr.refined_scores`' scipy path, so the results are bit-identical; on one 224 x 224
+window with 150 queries that path takes 0.43x scipy's time on one core, 0.31x on two.
 
 Why a layout of its own. Every neighbour of a pixel lies 8 or 16 pixels away in each axis, so
 away from the borders pixel (y, x) only ever reads pixels with its own (y mod 8, x mod 8). The
@@ -14,8 +14,8 @@ a block's two buffers (2 x 4 MB for a 224 x 224 window) stay in cache and blocks
 without a join. Four neighbouring cells are computed together, so a vector loaded once serves
 every one of them that reads it (36 loads for 4 cells instead of 64). Each output is
 ((0 + a0·m0) + a1·m1) + ... in neighbour order with separate multiplies and adds, exactly as
-scipy's CSR product forms it (on AMD Zen 4 the adds run beside the multiplies: a fused
-multiply-add would not be faster).
+scipy's CSR product forms it (AMD Zen 4 runs the adds beside the multiplies: a fused
+multiply-add, which would end the bit-identity, measured the same best time).
 """
 
 from __future__ import annotations
