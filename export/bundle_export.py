@@ -33,7 +33,7 @@ from resclip_deploy.io import current_umask, read_image
 from resclip_deploy.params import ResCLIPParams
 from resclip_deploy.pipeline import prepare
 from resclip_deploy.runtime.providers import create_session
-from resclip_deploy.runtime.segmenter import Segmenter
+from resclip_deploy.runtime.segmenter import FULL_PRECISION_GRAPHS, Segmenter
 from resclip_deploy.vocab import Vocabulary
 
 from .clip_loader import LoadedCLIP
@@ -50,10 +50,6 @@ log = logging.getLogger("resclip_deploy")
 THRESHOLDS: dict[str, Optional[tuple[float, float]]] = {
     "fp32": (1e-3, 0.995), "fp16": (5e-2, 0.98), "int8": None, "int8-static": None,
     "int8-weights": None}
-# int8-weights leaves this graph at fp32: the last block (where SFR acts) and the cosine logits.
-# With its weights in int8 too, labels equal to fp32 fell from 99.7 % to 97.4 % (ADE20K,
-# random ViT-B/16, fixture photos); the head is ~4 % of the time.
-FULL_PRECISION_HEAD = "head"
 
 
 class VerificationError(RuntimeError):
@@ -130,7 +126,7 @@ def _build(clip: LoadedCLIP, vocab: Vocabulary, params: ResCLIPParams, folder: s
         export_graph(module, example_inputs(net, io, text, example_hw), path)
         if precision == "int8":
             quantize_int8(path)
-        elif precision == "int8-weights" and name != FULL_PRECISION_HEAD:
+        elif precision == "int8-weights" and name not in FULL_PRECISION_GRAPHS:
             quantize_int8_weights(path)
         onnx.checker.check_model(path, full_check=True)
         graphs[name] = _graph_entry(path)
