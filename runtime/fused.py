@@ -12,6 +12,7 @@ the resized image's uint8 crops, the merge matrices and the two thresholds.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import sys
 from typing import Any, Optional
@@ -27,6 +28,7 @@ from resclip_deploy.geometry import merge_matrices
 from resclip_deploy.params import ResCLIPParams
 from resclip_deploy.pipeline import prepare
 
+from .providers import check_device_for_precision, create_session, gpu_options
 from .segmenter import DEVICE_RESIDENT
 
 
@@ -104,6 +106,20 @@ def fused_inputs(rgb: np.ndarray, params: ResCLIPParams, manifest: Manifest) -> 
     return {"frames": prepared.windows, "rows": rows, "cols": cols,
             "temp_thd": np.array(params.temp_thd, dtype=np.float32),
             "prob_thd": np.array(params.prob_thd, dtype=np.float32)}
+
+
+def fused_session(bundle_dir: str, device: str, threads: Optional[int] = None,
+                  cache_dir: Optional[str] = None, connectivity: Optional[str] = None,
+                  ) -> tuple[Any, Manifest]:
+    """(a session of the fused graph on ``device``, the bundle's manifest), with what GPU
+    providers need as the segmenter's graphs get it: TensorRT profiles for its inputs, an
+    engine cache keyed by the chain's checksum and options, fp16 engines for fp16 bundles."""
+    manifest = read_bundle(bundle_dir).manifest
+    device = check_device_for_precision(device, manifest.precision)
+    model = fused_model(bundle_dir, connectivity).SerializeToString()
+    gpu = gpu_options(manifest, stage_graphs.input_names(model),
+                      hashlib.sha256(model).hexdigest(), cache_dir)
+    return create_session(model, device, threads, gpu, fallback=device == "auto"), manifest
 
 
 def write_fused(bundle_dir: str, out: str, connectivity: Optional[str] = None) -> None:

@@ -10,15 +10,27 @@ providers actually bound is read back from the session (``get_providers()``).
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import io
+import json
 import logging
 import os
-from dataclasses import dataclass, field
-from typing import Optional
+import re
+import sys
+import tempfile
+import threading
+import weakref
+from dataclasses import dataclass, field, replace
+from typing import Any, Optional
 
+import numpy as np
+import onnx
 import onnxruntime as ort
 
 from resclip_deploy import geometry
-from resclip_deploy.bundle import Manifest
+from resclip_deploy.bundle import Manifest, ModelFacts
+from resclip_deploy.params import ResCLIPParams
 from resclip_deploy.errors import UserError
 
 from .openvino import PRECISIONS as OPENVINO_PRECISIONS
@@ -33,7 +45,8 @@ TRT, CUDA, CPU = "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecu
 PROVIDER_CHAINS = {"tensorrt": [TRT, CUDA, CPU], "cuda": [CUDA, CPU], "cpu": [CPU]}
 _GPU_LIBRARIES = {TRT: "TensorRT (libnvinfer) with CUDA and cuDNN",
                   CUDA: "the CUDA runtime and cuDNN"}
-# Frames per graph run of the video engine on a GPU (runtime.video); the profiles cover them.
+# Frames per graph run of the video engine on a GPU (runtime.video); the profiles' largest run
+# has at least as many windows (run_levels).
 GPU_FRAMES_PER_RUN = 4
 # TensorRT's builder scratch space; large ViTs need more than its default for their tactics.
 TRT_WORKSPACE_BYTES = 4 << 30
@@ -48,6 +61,8 @@ class GpuOptions:
 
     fp16: bool = False
     cache_dir: Optional[str] = None
+    # the graph's sha256: with the engine options it names the engine's folder under cache_dir
+    graph: str = ""
     profiles: dict[str, tuple[Shape, Shape, Shape]] = field(default_factory=dict)
 
 
@@ -56,14 +71,16 @@ def provider_options(provider: str, gpu: GpuOptions) -> dict[str, str]:
     if provider == TRT:
         opts = {"trt_fp16_enable": "1" if gpu.fp16 else "0",
                 "trt_max_workspace_size": str(TRT_WORKSPACE_BYTES)}
+        if gpu.fp16:
+            # TensorRT may otherwise run LayerNorm in fp16 too, which overflows after attention
+            opts["trt_layer_norm_fp32_fallback"] = "1"
+        opts.update(profile_options(gpu.profiles))
         if gpu.cache_dir:
-            opts.update({"trt_engine_cache_enable": "1", "trt_engine_cache_path": gpu.cache_dir,
+            # Engines live in a folder named by the graph and every option that shapes the
+            # engine; tactic timings are per layer and shared by all graphs.
+            opts.update({"trt_engine_cache_enable": "1",
+                         "trt_engine_cache_path": engine_folder(gpu.cache_dir, gpu.graph, opts),
                          "trt_timing_cache_enable": "1", "trt_timing_cache_path": gpu.cache_dir})
-        if gpu.profiles:
-            for i, key in enumerate(("min", "opt", "max")):
-                opts[f"trt_profile_{key}_shapes"] = ",".join(
-                    f"{name}:{'x'.join(map(str, shapes[i]))}"
-                    for name, shapes in gpu.profiles.items())
         return opts
     if provider == CUDA:
         # TF32 matrix products differ from fp32 by ~1e-3: off where the bundle promises fp32.
@@ -72,72 +89,148 @@ def provider_options(provider: str, gpu: GpuOptions) -> dict[str, str]:
     return {}
 
 
-def window_counts(manifest: Manifest) -> tuple[int, int]:
-    """(windows of a typical 4:3 image, the most windows one graph run takes): the opt and max
-    batch of the profiles. The most is four 16:9 video frames or one image at the long-side
-    cap, whichever has more windows."""
-    p = manifest.params
-    if p.mode == "whole":
-        return 1, GPU_FRAMES_PER_RUN
+def engine_folder(cache_dir: str, graph: str, engine_options: dict[str, str]) -> str:
+    """cache_dir/<key>: the key hashes the graph's checksum with the options an engine is built
+    with (precision, profiles, workspace), so that a changed option never meets a stale engine."""
+    key = hashlib.sha256(json.dumps([graph, sorted(engine_options.items())]).encode())
+    return os.path.join(cache_dir, key.hexdigest()[:16])
 
-    def windows(h: int, w: int) -> int:
-        return len(geometry.window_boxes(h, w, "slide", p.crop, p.stride))
-    s = p.short_side
-    return windows(s, round(s * 4 / 3)), max(GPU_FRAMES_PER_RUN * windows(s, round(s * 16 / 9)),
-                                             windows(s, p.long_side_max))
+
+# Inputs without a dynamic axis (thresholds): no profile.
+SCALAR_INPUTS = ("temp_thd", "prob_thd")
+# ONNX Runtime's TensorRT provider builds every profile it is given (an input named again in
+# trt_profile_*_shapes starts another one) but runs its engines on profile 0 only: the compute
+# function of onnxruntime/core/providers/tensorrt/tensorrt_execution_provider.cc takes the
+# context from createExecutionContext() and sets the input shapes on it (BindContextInput:
+# setInputShape), never setOptimizationProfileAsync, so a shape outside profile 0 fails there
+# (onnxruntime 1.31; https://github.com/microsoft/onnxruntime/pull/31624, open: "its execution
+# context remained on profile 0, so inputs belonging to other profiles failed"). Graphs whose
+# landscape and portrait runs need different ranges (whole-image mode: the window is the
+# image) take one session per orientation (:func:`orientations`, :func:`orientation_of`).
+ORIENTATIONS = ("landscape", "portrait")
+# Output pixels (rows, columns) of one output-graph run at the profiles' maximum. TensorRT sizes
+# an engine's activations for that point: F x C x rows x columns floats per tensor (ADE20K, one
+# image of 150 queries: 2.5 GB), so larger outputs are made in tiles of at most this side.
+OUTPUT_TILE = 2048
+
+
+@dataclass(frozen=True)
+class RunShape:
+    """One run of the graphs, the point every input of every graph agrees on: ``frames`` images
+    of one network size, each cut into ``grid`` (ny, nx) windows of ``window`` (h, w) pixels,
+    ``out`` (rows, columns) output pixels per output-graph run, ``queries`` text queries."""
+
+    frames: int
+    grid: tuple[int, int]
+    window: tuple[int, int]
+    out: tuple[int, int]
+    queries: int
+
+    @property
+    def windows(self) -> int:
+        return self.frames * self.grid[0] * self.grid[1]
+
+    def transposed(self) -> "RunShape":
+        return RunShape(self.frames, self.grid[::-1], self.window[::-1], self.out[::-1],
+                        self.queries)
+
+
+def run_levels(manifest: Manifest, orientation: str = "landscape",
+               ) -> tuple[RunShape, RunShape, RunShape]:
+    """The (min, opt, max) points of the TensorRT profiles, each a run the runtime makes.
+
+    min: one window of one patch a side (thin strips come close). opt: one 4:3 image. max: the
+    widest image the resize rule makes (short side x long-side cap, the most windows and tokens
+    one image has), as many of them as give at least GPU_FRAMES_PER_RUN windows: four frames in
+    whole-image mode; one image in slide mode, whose windows already fill a GPU (ADE20K: 36
+    windows, ~7,000 tokens per encoder run) while every window adds (Q, 224, 224) pre-pass masks.
+    A portrait run is the transpose of a landscape one.
+    """
+    if orientation not in ORIENTATIONS:
+        raise ValueError(f"orientation {orientation!r}: one of {ORIENTATIONS}")
+    p, patch = manifest.params, manifest.model.patch
+    queries = len(manifest.vocabulary.queries)
+    # A bundle's own text bank is a graph constant: its query count cannot change. A runtime
+    # vocabulary (a --text-encoder bundle) may have any size.
+    q = (1, queries, max(4 * queries, 256)) if manifest.text_input else (queries,) * 3
+    typical = _image_run(p, geometry.keep_ratio_size(3, 4, p.short_side, p.long_side_max),
+                         q[1])
+    widest = _image_run(p, geometry.keep_ratio_size(p.short_side, p.long_side_max,
+                                                    p.short_side, p.long_side_max), q[2])
+    frames = -(-GPU_FRAMES_PER_RUN // widest.windows)
+    levels = (RunShape(1, (1, 1), (patch, patch), (1, 1), q[0]), typical,
+              replace(widest, frames=frames, out=(OUTPUT_TILE, OUTPUT_TILE)))
+    return levels if orientation == "landscape" else tuple(r.transposed() for r in levels)
+
+
+def _image_run(p: ResCLIPParams, hw: tuple[int, int], queries: int) -> RunShape:
+    """One image of network input size ``hw`` as the runtime cuts it (pipeline.prepare)."""
+    boxes = geometry.window_boxes(hw[0], hw[1], p.mode, p.crop, p.stride)
+    y1, y2, x1, x2 = (int(v) for v in boxes[0])
+    grid = (len(np.unique(boxes[:, 0])), len(np.unique(boxes[:, 2])))
+    return RunShape(1, grid, (y2 - y1, x2 - x1), (min(hw[0], OUTPUT_TILE),
+                                                  min(hw[1], OUTPUT_TILE)), queries)
+
+
+def input_shape(name: str, run: RunShape, model: ModelFacts) -> Shape:
+    """The shape graph input ``name`` (resclip_deploy.bundle.TENSORS, stage_graphs) has in
+    ``run``."""
+    k, q, (h, w), (ny, nx) = run.windows, run.queries, run.window, run.grid
+    gh, gw = h // model.patch, w // model.patch
+    n = gh * gw
+    t = n + 1                       # tokens: the class token and one per patch
+    shapes = {"pixels": (k, 3, h, w), "windows": (k, 3, h, w), "frames": (k, h, w, 3),
+              "tokens": (k, t, model.width), "rcs": (k, model.heads, t, t), "window": (t, t),
+              "sfr_bias": (k, t, t), "prepass_logits": (k, q, n), "logits": (k, q, n),
+              "patch_labels": (k, gh, gw), "connected": (k, n, n),
+              "rows": (run.out[0], ny, gh), "cols": (run.out[1], nx, gw),
+              "text": (q, model.embed_dim)}
+    if name not in shapes:
+        raise ValueError(f"graph input {name!r} has no profile rule")
+    return shapes[name]
 
 
 def profile_shapes(manifest: Manifest, inputs: tuple[str, ...],
-                   ) -> dict[str, tuple[Shape, Shape, Shape]]:
-    """(min, opt, max) shape of each graph input from the bundle's settings: windows per run,
-    window size (slide: up to crop x crop; whole: the resized image, short side .. long-side
-    cap), tokens, heads, width and queries. An input outside its profile would make TensorRT
-    build another engine; tests/test_providers.py checks that images of any size stay inside."""
-    p, m = manifest.params, manifest.model
-    opt_b, max_b = window_counts(manifest)
-    # The smallest side is one patch: a very long, thin image is resized to a long side at the
-    # cap and a short side of a few patches (thinner ones are refused).
-    low = (m.patch, m.patch)
-    if p.mode == "slide":
-        hw = [low, (p.crop, p.crop), (p.crop, p.crop)]
-    else:
-        hw = [low, (p.short_side, round(p.short_side * 4 / 3)),
-              (p.long_side_max, p.long_side_max)]
-    # Tokens: one grid of at most short side x long-side cap (an image is one or the other way).
-    grids = [(h // m.patch) * (w // m.patch) for h, w in hw[:2]]
-    grids.append((p.crop // m.patch) ** 2 if p.mode == "slide" else
-                 (p.short_side // m.patch) * (p.long_side_max // m.patch))
-    batches = (1, opt_b, max_b)
-    queries = len(manifest.vocabulary.queries)
-    # A runtime vocabulary (--text-encoder bundles) may have any size: from 1 to 4x the bundle's.
-    q_range = (1, queries, max(4 * queries, 256))
-    text = tuple((q, m.embed_dim) for q in q_range)
-    # The output graph's merge matrices: (image side, windows along it, window grid side).
-    sides = [_axis_profile(p, m.patch, i) for i in range(3)]
-    out: dict[str, tuple[Shape, Shape, Shape]] = {}
-    for name in inputs:
-        rows = []
-        for b, (h, w), n, q, side in zip(batches, hw, grids, q_range, sides):
-            t = n + 1
-            rows.append({"pixels": (b, 3, h, w), "windows": (b, 3, h, w), "frames": (b, h, w, 3),
-                         "tokens": (b, t, m.width), "rcs": (b, m.heads, t, t), "window": (t, t),
-                         "sfr_bias": (b, t, t), "prepass_logits": (b, q, n),
-                         "logits": (b, q, n), "patch_labels": (b, h // m.patch, w // m.patch),
-                         "connected": (b, n, n), "rows": side, "cols": side}.get(name))
-        if name == "text":
-            out[name] = text
-        elif rows[0] is not None:            # scalars (thresholds) have no dynamic axis
-            out[name] = tuple(rows)
-    return out
+                   orientation: str = "landscape") -> dict[str, tuple[Shape, Shape, Shape]]:
+    """(min, opt, max) shape of each dynamic input of a graph (the bundle's, a stage graph, the
+    fused chain), all taken from the same three runs (:func:`run_levels`): the inputs of one
+    graph agree at every level, as TensorRT checks when it builds the engine."""
+    levels = run_levels(manifest, orientation)
+    return {name: (input_shape(name, levels[0], manifest.model),
+                   input_shape(name, levels[1], manifest.model),
+                   input_shape(name, levels[2], manifest.model))
+            for name in inputs if name not in SCALAR_INPUTS}
 
 
-def _axis_profile(p, patch: int, level: int) -> Shape:
-    """(min, opt, max)[level] of one merge matrix: output side up to 8192 pixels."""
-    if p.mode == "whole":
-        grid = (1, p.short_side // patch, p.long_side_max // patch)[level]
-        return ((1, 480, 8192)[level], 1, grid)
-    along = (1, 3, len(geometry._axis_windows(p.long_side_max, p.crop, p.stride)))[level]
-    return ((1, 480, 8192)[level], along, (1, p.crop // patch, p.crop // patch)[level])
+def orientations(manifest: Manifest, inputs: tuple[str, ...]) -> tuple[str, ...]:
+    """The orientations that need a session of their own for a graph with these inputs: only
+    'landscape' where both give one profile (slide-mode windows are crop x crop either way; its
+    output graph and every whole-image graph differ)."""
+    same = profile_shapes(manifest, inputs, "landscape") == \
+        profile_shapes(manifest, inputs, "portrait")
+    return ORIENTATIONS[:1] if same else ORIENTATIONS
+
+
+def orientation_of(input_hw: tuple[int, int]) -> str:
+    """The orientation whose profiles hold a run of images of network input size ``input_hw``
+    (a square image fits both)."""
+    return "landscape" if input_hw[0] <= input_hw[1] else "portrait"
+
+
+def max_windows_per_run(manifest: Manifest) -> int:
+    """The most windows one run of the graphs takes: the profiles end there, and the runtime
+    packs whole images into runs up to it (a single image always fits)."""
+    return run_levels(manifest)[2].windows
+
+
+def profile_options(profiles: dict[str, tuple[Shape, Shape, Shape]]) -> dict[str, str]:
+    """TensorRT provider options for one optimisation profile: trt_profile_{min,opt,max}_shapes
+    as 'name:AxBxC,...' (nothing without dynamic inputs)."""
+    if not profiles:
+        return {}
+    return {f"trt_profile_{level}_shapes": ",".join(
+        f"{name}:{'x'.join(map(str, shapes[i]))}" for name, shapes in profiles.items())
+        for i, level in enumerate(("min", "opt", "max"))}
 
 
 def default_cache_dir(kind: str = "tensorrt") -> str:
@@ -151,9 +244,10 @@ def default_cache_dir(kind: str = "tensorrt") -> str:
 def gpu_options(manifest: Manifest, inputs: tuple[str, ...], graph_sha256: str,
                 cache_dir: Optional[str] = None) -> GpuOptions:
     """One graph's GPU settings; its engines are cached under a folder named by the graph's
-    checksum, so two bundles never share (or overwrite) an engine."""
-    folder = os.path.join(cache_dir or default_cache_dir(), graph_sha256[:16])
-    return GpuOptions(fp16=manifest.precision == "fp16", cache_dir=folder,
+    checksum and the engine options (:func:`engine_folder`), so two bundles never share (or
+    overwrite) an engine."""
+    return GpuOptions(fp16=manifest.precision == "fp16",
+                      cache_dir=cache_dir or default_cache_dir(), graph=graph_sha256,
                       profiles=profile_shapes(manifest, inputs))
 
 
@@ -194,14 +288,18 @@ def session_options(threads: Optional[int], profile_prefix: Optional[str] = None
 
 def create_session(path: str | bytes, device: str, threads: Optional[int],
                    gpu: Optional[GpuOptions] = None, profile_prefix: Optional[str] = None,
-                   arena: bool = False) -> "ort.InferenceSession | OpenVINOSession":
-    """An ONNX Runtime session on ``device``; a requested GPU that does not bind is an error.
-    ``openvino``/``openvino-bf16``: an OpenVINO session instead (runtime/openvino.py; no
-    profiles, its compiled graphs cached under default_cache_dir('openvino')).
+                   arena: bool = False, fallback: bool = False,
+                   ) -> "ort.InferenceSession | OpenVINOSession":
+    """An ONNX Runtime session on ``device``; a requested GPU that does not bind is an error
+    that carries ONNX Runtime's and TensorRT's own words. ``openvino``/``openvino-bf16``: an
+    OpenVINO session instead (runtime/openvino.py; no profiles, its compiled graphs cached under
+    default_cache_dir('openvino')).
 
     onnxruntime-gpu lists GPU providers without a GPU and silently runs on CPU, so the providers
     that actually bound (``get_providers()``) decide. ``auto`` tries TensorRT (CUDA behind it),
-    CUDA, then CPU. ``gpu``: the options of :func:`provider_options` (defaults without one).
+    CUDA, then CPU. ``fallback``: a ``tensorrt`` graph that TensorRT refuses runs on CUDA
+    instead, with a warning that quotes the refusal (``auto`` after its first graph bound
+    TensorRT). ``gpu``: the options of :func:`provider_options` (defaults without one).
     ``path``: a file, or a serialised graph (the stage graphs).
     """
     if device not in DEVICES:
@@ -211,31 +309,93 @@ def create_session(path: str | bytes, device: str, threads: Optional[int],
     options = session_options(threads, profile_prefix, arena)
     gpu = gpu or GpuOptions()
     available = ort.get_available_providers()
+    if device != "cpu" and any(p in available for p in _GPU_LIBRARIES):
+        preload_gpu_libraries()
     if device in ("cuda", "tensorrt"):
         chain = PROVIDER_CHAINS[device]
         if chain[0] not in available:
             raise UserError(f"--device {device}: this onnxruntime has no {chain[0]} (installed: "
                             f"{', '.join(available)}); install onnxruntime-gpu, or use "
                             "--device cpu")
-        session = _try_session(path, options, chain, gpu)
-        if session is None or session.get_providers()[0] != chain[0]:
-            bound = ", ".join(session.get_providers()) if session else "none"
-            raise UserError(f"--device {device}: {chain[0]} did not start (bound: {bound}); it "
-                            f"needs {_GPU_LIBRARIES[chain[0]]} and a visible GPU; or use "
-                            "--device cpu")
-        return session
+        session, said = _try_session(path, options, chain, gpu)
+        if session is not None and session.get_providers()[0] == chain[0]:
+            return _noted(session, gpu)
+        if fallback and device == "tensorrt":
+            _warn_once(f"{_graph_name(path)}: TensorRT did not start ({said or 'no reason given'})"
+                       "; running on CUDA", said)
+            return create_session(path, "cuda", threads, gpu, profile_prefix, arena)
+        bound = ", ".join(session.get_providers()) if session else "none"
+        raise UserError(f"--device {device}: {chain[0]} did not start for "
+                        f"{_graph_name(path)} (bound: {bound}; ONNX Runtime said: "
+                        f"{said or 'nothing'}); it needs {_GPU_LIBRARIES[chain[0]]} and a "
+                        "visible GPU; or use --device cpu")
     if device == "auto":
+        refusals = []
         for name in ("tensorrt", "cuda"):
             chain = [p for p in PROVIDER_CHAINS[name] if p in available or p == CPU]
             if chain[0] == PROVIDER_CHAINS[name][0]:
-                session = _try_session(path, options, chain, gpu)
+                session, said = _try_session(path, options, chain, gpu)
                 if session is not None and session.get_providers()[0] == chain[0]:
-                    return session
-        gpu_names = [p for p in available if p in _GPU_LIBRARIES]
-        if gpu_names:
-            log.warning("no GPU in use: %s installed but did not start (no GPU, or missing "
-                        "CUDA/cuDNN/TensorRT libraries); running on CPU", ", ".join(gpu_names))
+                    for refused, why in refusals:
+                        _warn_once(f"{_graph_name(path)}: {refused} did not start ({why}); "
+                                   f"running on {chain[0]}", why)
+                    return _noted(session, gpu)
+                refusals.append((chain[0], said or "no reason given"))
+        if refusals:
+            log.warning("no GPU in use: %s; running on CPU", "; ".join(
+                f"{name} did not start ({why})" for name, why in refusals))
     return ort.InferenceSession(path, options, providers=[CPU])
+
+
+# TensorRT sessions -> how their engine computes: TensorRT allows TF32 for fp32 layers by
+# default and ONNX Runtime's TensorRT provider has no option to turn it off (its CUDA provider
+# has: use_tf32), so fp32 graphs there are TF32 graphs (~1e-3 relative on matrix products).
+_PRECISION_NOTES: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()
+
+
+def _noted(session: ort.InferenceSession, gpu: GpuOptions) -> ort.InferenceSession:
+    if session.get_providers()[0] == TRT:
+        _PRECISION_NOTES[session] = "fp16 engine, LayerNorm fp32" if gpu.fp16 else \
+            "fp32 engine, TF32 allowed"
+    return session
+
+
+def providers_of(session: "ort.InferenceSession | OpenVINOSession") -> list[str]:
+    """The providers that bound, as reports name them: TensorRT's with its engine's precision
+    (OpenVINO sessions describe themselves)."""
+    note = _PRECISION_NOTES.get(session)
+    return [f"{p} ({note})" if p == TRT and note else p for p in session.get_providers()]
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str, reason: str) -> None:
+    """A warning per distinct reason: a missing library would otherwise be said per graph."""
+    if reason not in _warned:
+        _warned.add(reason)
+        log.warning("%s", message)
+
+
+_preloaded = False
+
+
+def preload_gpu_libraries() -> None:
+    """Load the CUDA and cuDNN libraries of pip's nvidia-* packages before the first GPU
+    session: without torch imported first, ONNX Runtime does not look for them there. Once per
+    process; what it prints goes to the debug log (a CPU-only machine has none to load)."""
+    global _preloaded
+    if _preloaded or not hasattr(ort, "preload_dlls"):      # ONNX Runtime < 1.21
+        return
+    _preloaded = True
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            ort.preload_dlls()
+    except Exception as e:  # a library it cannot load is reported when a session needs it
+        out.write(str(e))
+    if out.getvalue().strip():
+        log.debug("onnxruntime.preload_dlls: %s", " ".join(out.getvalue().split()))
 
 
 def device_of(session: "ort.InferenceSession | OpenVINOSession") -> str:
@@ -261,16 +421,65 @@ def memory_of(session: "ort.InferenceSession | OpenVINOSession") -> str:
 
 
 def _try_session(path: str | bytes, options: ort.SessionOptions, providers: list[str],
-                 gpu: GpuOptions) -> Optional[ort.InferenceSession]:
-    """A session with ``providers`` and their options, or None; ORT's own provider-load chatter
-    is silenced (the caller reports in its words)."""
+                 gpu: GpuOptions) -> tuple[Optional[ort.InferenceSession], str]:
+    """(a session with ``providers`` and their options or None, what ONNX Runtime and TensorRT
+    said while creating it). Their log lines (a library that does not load, an engine that
+    does not build) are caught from the process's stderr and handed to the caller, who reports
+    them in its own words only when the provider did not bind."""
     if gpu.cache_dir and TRT in providers:
-        os.makedirs(gpu.cache_dir, exist_ok=True)
-    ort.set_default_logger_severity(4)
-    try:
-        return ort.InferenceSession(path, options, providers=[
-            (p, provider_options(p, gpu)) for p in providers], enable_fallback=0)
-    except (RuntimeError, ValueError):
-        return None
-    finally:
-        ort.set_default_logger_severity(2)
+        os.makedirs(provider_options(TRT, gpu)["trt_engine_cache_path"], exist_ok=True)
+    with _stderr_caught() as said:
+        try:
+            session = ort.InferenceSession(path, options, providers=[
+                (p, provider_options(p, gpu)) for p in providers], enable_fallback=0)
+        except (RuntimeError, ValueError) as e:
+            session, error = None, str(e)
+        else:
+            error = ""
+    error = _SOURCE_PLACE.sub("", " ".join(error.split()))
+    return session, " | ".join(r for r in (_reasons(said.getvalue()), error) if r)
+
+
+_STDERR_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _stderr_caught():
+    """File descriptor 2 into a temporary file for the block: ONNX Runtime and TensorRT log
+    from C++, which Python's sys.stderr never sees. One block at a time (a process-wide fd)."""
+    text = io.StringIO()
+    with _STDERR_LOCK, tempfile.TemporaryFile(mode="w+b") as tmp:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield text
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            text.write(tmp.read().decode("utf-8", "replace"))
+
+
+# '/onnxruntime_src/x.cc:12 void f(T&) [ONNXRuntimeError] : 1 : FAIL : ': where, not why
+_SOURCE_PLACE = re.compile(r"/onnxruntime_src/\S+:\d+ |(?:[\w:]+ )?[\w:]+[&*]? ?[\w:]+\([^)]*\)"
+                           r" (?:\[ONNXRuntimeError\] : \d+ : \w+ : )?")
+
+
+def _reasons(log_text: str, limit: int = 600) -> str:
+    """The error lines of ONNX Runtime's log (colour codes and timestamps dropped), joined."""
+    lines = []
+    for line in re.sub(r"\x1b\[[0-9;]*m", "", log_text).splitlines():
+        line = re.sub(r"^\S+ \S+ \[[EW]:onnxruntime:[^\]]*\] ", "", line.strip())
+        line = _SOURCE_PLACE.sub("", line)
+        if line and line not in lines and re.search(r"error|fail|cannot|violat|unsupported",
+                                                    line, re.IGNORECASE):
+            lines.append(line)
+    return " | ".join(lines)[-limit:]
+
+
+def _graph_name(path: str | bytes) -> str:
+    """A graph as a message names it: its file, or the name inside a serialised graph."""
+    if isinstance(path, bytes):
+        return f"the {onnx.load_from_string(path).graph.name} graph"
+    return os.path.basename(path)

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import os
@@ -15,7 +16,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import onnxruntime as ort
@@ -34,7 +35,9 @@ from resclip_deploy.vocab import Vocabulary
 
 from .openvino import OpenVINOSession
 from .providers import (check_device_for_precision, create_session, device_of,
-                        full_precision, gpu_options, memory_of)
+                        full_precision, gpu_options, max_windows_per_run, memory_of,
+                        providers_of)
+from .providers import TRT
 from .text import TextEncoder
 
 log = logging.getLogger("resclip_deploy")
@@ -95,8 +98,9 @@ class Segmenter:
         check_overrides(overrides)
         self.bundle, self.sessions, self.text = bundle, sessions, text
         self._overrides = overrides
-        # (device, threads, cache_dir, text encoder) from_bundle used: with_classes builds alike
-        self._built: tuple = ("cpu", None, None, None)
+        # (device, threads, cache_dir, text encoder, TensorRT fallback) from_bundle used:
+        # with_classes builds alike
+        self._built: tuple = ("cpu", None, None, None, False)
         # 'cuda' when the graphs run on a GPU provider, else 'cpu' (read once: run_graph asks)
         self.device_type = memory_of(next(iter(sessions.values())))
         manifest = bundle.manifest
@@ -106,6 +110,10 @@ class Segmenter:
         self.patch = manifest.model.patch
         self.norm = manifest.preprocess.norm
         self.io = IOStats()
+        # The most windows one run of the graphs takes (TensorRT's profiles end there; on other
+        # providers it bounds memory, and a run that size already fills a GPU):
+        # segment_many and the video engine pack whole images into runs up to it.
+        self.max_windows = max_windows_per_run(manifest)
         # Arrays a CPU session hands from one graph to the next (a GPU keeps them), by id; weak,
         # so that a freed array's id cannot be mistaken for a later one.
         self._resident: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
@@ -134,6 +142,8 @@ class Segmenter:
             raise UserError(f"bundle {path} has a fixed vocabulary; to choose classes at run "
                             "time re-export it with resclip-export --text-encoder")
         sessions: dict[str, ort.InferenceSession] = {}
+        # 'auto' takes TensorRT graph by graph: one it refuses runs on CUDA (and says so)
+        fallback = device == "auto"
         # Smallest graph first: 'auto' probes GPU providers on it (a failed probe still parses
         # the graph), then every other graph goes straight to the provider that bound.
         graphs = sorted(manifest.graphs, key=lambda g: manifest.files[manifest.graphs[g].file]
@@ -145,26 +155,29 @@ class Segmenter:
                               cache_dir)
             prefix = os.path.join(profile_dir, name) if profile_dir else None
             own = full_precision(device) if name in FULL_PRECISION_GRAPHS else device
-            sessions[name] = create_session(bundle.graph_file(name), own, threads, gpu, prefix)
+            sessions[name] = create_session(bundle.graph_file(name), own, threads, gpu, prefix,
+                                            fallback=fallback)
             bundle.check_session(name, sessions[name])
-            if own == device:
+            if device == "auto":
                 device = device_of(sessions[name])
+                if device == "cuda" and TRT in ort.get_available_providers():
+                    device = "tensorrt"      # TensorRT refused the first graph: try the others
         params = manifest.params.replace(**overrides)
         vocab = classes or manifest.vocabulary
         plan = choose(memory_of(sessions[graphs[0]]), params.sfr, stages)
         sessions.update(_stage_sessions(manifest, params, vocab, plan, device, threads, cache_dir,
-                                        profile_dir))
+                                        profile_dir, fallback))
         for name, session in sessions.items():
-            log.info("%s graph on %s", name, ", ".join(session.get_providers()))
+            log.info("%s graph on %s", name, ", ".join(providers_of(session)))
         text = None
         if manifest.text_input:
             text = load_text_bank(bundle)
         encoder = None
         if classes is not None:
-            encoder = text_encoder(bundle, device, threads, cache_dir)
+            encoder = text_encoder(bundle, device, threads, cache_dir, fallback)
             text = encoder.bank(classes.queries)
         seg = cls(bundle, sessions, text, overrides, plan, vocab)
-        seg._built = (device, threads, cache_dir, encoder)
+        seg._built = (device, threads, cache_dir, encoder, fallback)
         return seg
 
     def with_classes(self, classes: Vocabulary) -> "Segmenter":
@@ -175,13 +188,13 @@ class Segmenter:
         if manifest.text_encoder is None:
             raise UserError(f"bundle {self.bundle.path} has a fixed vocabulary; to choose classes "
                             "at run time re-export it with resclip-export --text-encoder")
-        device, threads, cache_dir, encoder = self._built
+        device, threads, cache_dir, encoder, fallback = self._built
         if encoder is None:
-            encoder = text_encoder(self.bundle, device, threads, cache_dir)
-            self._built = (device, threads, cache_dir, encoder)
+            encoder = text_encoder(self.bundle, device, threads, cache_dir, fallback)
+            self._built = (device, threads, cache_dir, encoder, fallback)
         networks = {n: s for n, s in self.sessions.items() if n in manifest.graphs}
         stages = _stage_sessions(manifest, self.params, classes, self.plan, device, threads,
-                                 cache_dir, None)
+                                 cache_dir, None, fallback)
         seg = type(self)(self.bundle, {**networks, **stages}, encoder.bank(classes.queries),
                          self._overrides, self.plan, classes)
         seg._built = self._built
@@ -189,7 +202,8 @@ class Segmenter:
 
     @property
     def providers(self) -> dict[str, list[str]]:
-        return {name: s.get_providers() for name, s in self.sessions.items()}
+        """Graph -> the providers that bound, TensorRT's with its precision."""
+        return {name: providers_of(s) for name, s in self.sessions.items()}
 
     def run_graph(self, graph: str, feeds: dict[str, Any],
                   keep_on_device: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -267,7 +281,8 @@ class Segmenter:
                         ) -> tuple[Any, Optional[SFRStep]]:
         """(K, 3, h, w) float32 normalised windows (or (K, h, w, 3) uint8 crops when the
         normalise stage is a graph) -> (K, Q, N) patch cosine logits and the SFR step between
-        the graphs (None without SFR). With an output graph on a GPU the logits stay there."""
+        the graphs (None without SFR). With an output graph on a GPU the logits stay there.
+        One run of each graph: under TensorRT at most :attr:`max_windows` windows."""
         times = Timings() if times is None else times
         if windows.dtype != np.uint8:
             windows = np.ascontiguousarray(windows, dtype=np.float32)
@@ -363,11 +378,21 @@ class Segmenter:
         norm = None if self.plan["normalise"] == GRAPH else self.norm
         return prepare(rgb, self.params, self.patch, norm)
 
-    def finish(self, items: list[Prepared], logits: Any, with_probs: bool,
+    def finish(self, items: list[Prepared], logits: Any, with_probs: Optional[bool] = None,
                times: Optional[Timings] = None) -> list[Segmentation]:
         """(sum of K, Q, N) logits of ``items`` (a video batch, one image, or images of any
-        sizes) -> one Segmentation each, at its original size."""
+        sizes) -> one Segmentation each, at its original size.
+
+        ``with_probs``: True computes the (C, H0, W0) probabilities now, False never. None (the
+        default) computes them now on a CPU; on a GPU only the labels come down and the
+        probabilities are made on the device when ``probs`` is first read (the device keeps the
+        logits until then): a 336x448 ADE20K image has 90 MB of them, a 1080p frame 1.2 GB."""
         times = Timings() if times is None else times
+        if with_probs is None and self.device_type == "cpu":
+            with_probs = True
+        if with_probs is None and self.plan["output"] == GRAPH:
+            return self._deferred_probs(items, logits, times)
+        with_probs = True if with_probs is None else with_probs     # numpy output: on the host
         sizes = {(i.image_hw, i.input_hw) for i in items}
         if self.plan["output"] == NUMPY or len(sizes) > 1:
             parts = np.split(self.host(logits), np.cumsum([len(i.windows) for i in items])[:-1])
@@ -401,6 +426,19 @@ class Segmenter:
             seg.timings = dict(times)
         return results
 
+    def _deferred_probs(self, items: list[Prepared], logits: Any,
+                        times: Timings) -> list[Segmentation]:
+        """Labels now; each item's probabilities from one output-graph run over the batch when
+        the first of them is read."""
+        done = self.finish(items, logits, False, times)
+        batch: list[list[np.ndarray]] = []
+
+        def load(i: int) -> np.ndarray:
+            if not batch:
+                batch.append([s.probs for s in self.finish(items, logits, True)])
+            return batch[0][i]
+        return [DeferredProbs(seg, functools.partial(load, i)) for i, seg in enumerate(done)]
+
     def _merge_matrices(self, prepared: Prepared) -> tuple[np.ndarray, np.ndarray]:
         """The output graph's rows and cols for one image geometry (cached: a video's frames
         share it)."""
@@ -412,21 +450,23 @@ class Segmenter:
             self._merge_key = key
         return self._merge_cache
 
-    def segment(self, rgb: np.ndarray, with_probs: bool = True) -> Segmentation:
+    def segment(self, rgb: np.ndarray, with_probs: Optional[bool] = None) -> Segmentation:
         """RGB uint8 (H0, W0, 3) -> Segmentation at (H0, W0); ``with_probs=False`` skips the
-        (C, H0, W0) probabilities (labels only, less memory)."""
+        (C, H0, W0) probabilities (labels only, less memory); None: now on a CPU, on a GPU when
+        first read (:meth:`finish`)."""
         times = Timings()
         with times("preprocess"):
             prepared = self.prepare(rgb)
         logits, _ = self.forward_windows(prepared.windows, times)
         return self.finish([prepared], logits, with_probs, times)[0]
 
-    def segment_many(self, rgbs: list[np.ndarray], with_probs: bool = True,
+    def segment_many(self, rgbs: list[np.ndarray], with_probs: Optional[bool] = None,
                      ) -> list[Segmentation]:
         """Several images, their windows through the graphs in one run per group of equal
         window shape (slide mode: every window is crop x crop, whatever the image size), each
         result equal to :meth:`segment` of its image. What pays on a GPU, where one image
-        leaves the device idle between small runs; a server batches its clients with it."""
+        leaves the device idle between small runs; a server batches its clients with it.
+        A group with more than :attr:`max_windows` windows runs in several, whole images each."""
         times = Timings()
         with times("preprocess"):
             prepared = [self.prepare(rgb) for rgb in rgbs]
@@ -434,59 +474,104 @@ class Segmenter:
         for i, item in enumerate(prepared):
             groups.setdefault(item.windows.shape[1:], []).append(i)
         results: list[Optional[Segmentation]] = [None] * len(rgbs)
-        for members in groups.values():
-            logits, _ = self.forward_windows(
-                np.concatenate([prepared[i].windows for i in members]), times)
-            done = self.finish([prepared[i] for i in members], logits, with_probs, times)
-            for i, seg in zip(members, done):
-                results[i] = seg
+        for group in groups.values():
+            for run in pack_runs([len(prepared[i].windows) for i in group], self.max_windows):
+                members = [group[j] for j in run]
+                logits, _ = self.forward_windows(
+                    np.concatenate([prepared[i].windows for i in members]), times)
+                done = self.finish([prepared[i] for i in members], logits, with_probs, times)
+                for i, seg in zip(members, done):
+                    results[i] = seg
         return results
 
 
+def pack_runs(windows: list[int], cap: int) -> list[list[int]]:
+    """Items (their window counts, in order) -> runs of item indices with at most ``cap``
+    windows each. An item is never split: the output graph merges all windows of an image in
+    one run (the graphs before it work per window). One with more than ``cap`` runs alone."""
+    runs: list[list[int]] = []
+    total = 0
+    for i, n in enumerate(windows):
+        if runs and total + n <= cap:
+            runs[-1].append(i)
+            total += n
+        else:
+            runs.append([i])
+            total = n
+    return runs
+
+
+class DeferredProbs(Segmentation):
+    """A Segmentation whose probabilities are computed (on the GPU) and fetched when ``probs``
+    is first read; until then only the labels have crossed to the host."""
+
+    def __init__(self, seg: Segmentation, load: Callable[[], np.ndarray]):
+        self._load: Optional[Callable[[], np.ndarray]] = load
+        super().__init__(seg.labels, None, seg.class_names, seg.timings)
+
+    @property  # type: ignore[override]
+    def probs(self) -> Optional[np.ndarray]:
+        if self._load is not None:
+            self._probs, self._load = self._load(), None
+        return self._probs
+
+    @probs.setter
+    def probs(self, value: Optional[np.ndarray]) -> None:
+        self._probs = value
+
+    def __repr__(self) -> str:         # without computing the probabilities
+        return (f"DeferredProbs(labels={self.labels.shape}, classes={len(self.class_names)}, "
+                f"probs={'pending' if self._load else 'fetched'})")
+
+
 def text_encoder(bundle: Bundle, device: str, threads: Optional[int],
-                 cache_dir: Optional[str]) -> TextEncoder:
+                 cache_dir: Optional[str], fallback: bool = False) -> TextEncoder:
     """The bundle's text tower and tokenizer (a --text-encoder bundle)."""
     manifest = bundle.manifest
     spec = manifest.text_encoder
     # The text tower is an fp32 graph in every bundle: no fp16 engine for it.
     gpu = gpu_options(manifest, (), manifest.files[spec.graph].sha256, cache_dir)
     session = create_session(bundle.file(spec.graph), full_precision(device), threads,
-                             dataclasses.replace(gpu, fp16=False))
+                             dataclasses.replace(gpu, fp16=False), fallback=fallback)
     bundle.check_session("text_encoder", session)
     return TextEncoder(Tokenizer.from_file(bundle.file(spec.tokenizer)), session, spec)
 
 
 def _stage_sessions(manifest: Manifest, params: ResCLIPParams, vocab: Vocabulary,
                     plan: dict[str, str], device: str, threads: Optional[int],
-                    cache_dir: Optional[str], profile_dir: Optional[str]) -> dict[str, Any]:
+                    cache_dir: Optional[str], profile_dir: Optional[str],
+                    fallback: bool = False) -> dict[str, Any]:
     """The stage graphs ``plan`` runs, for these settings and this vocabulary."""
     sessions = {stage: _stage_session(stage, manifest, params, vocab, device, threads,
-                                      cache_dir, profile_dir)
+                                      cache_dir, profile_dir, fallback=fallback)
                 for stage, impl in plan.items() if impl == GRAPH}
     if plan["output"] == GRAPH:      # labels only (above), and with probabilities
         sessions[OUTPUT_PROBS] = _stage_session("output", manifest, params, vocab, device,
-                                                threads, cache_dir, profile_dir, probs=True)
+                                                threads, cache_dir, profile_dir, probs=True,
+                                                fallback=fallback)
     return sessions
 
 
 def _stage_session(stage: str, manifest: Manifest, params: ResCLIPParams, vocab: Vocabulary,
                    device: str, threads: Optional[int], cache_dir: Optional[str],
-                   profile_dir: Optional[str], probs: bool = False) -> ort.InferenceSession:
+                   profile_dir: Optional[str], probs: bool = False,
+                   fallback: bool = False) -> ort.InferenceSession:
     """A session of one stage graph, built for the settings and vocabulary of this run."""
     model = stage_graphs.stage_model(stage, params, manifest.model.patch, vocab.query_to_class,
                                      manifest.preprocess.norm, fp16=manifest.precision == "fp16",
                                      probs=probs).SerializeToString()
     # The stage graphs choose their own precision (fp16 PAMR for fp16 bundles, fp32
-    # thresholds and argmaxes): no fp16 engine over them.
-    gpu = dataclasses.replace(gpu_options(manifest, stage_graphs.input_names(model),
-                                          hashlib.sha256(model).hexdigest(), cache_dir),
-                              fp16=False)
+    # thresholds and argmaxes): no fp16 engine over them, but for the pre-pass of an fp16
+    # bundle, whose fp16-typed loop TensorRT would otherwise run in fp32 (twice the traffic).
+    gpu = gpu_options(manifest, stage_graphs.input_names(model),
+                      hashlib.sha256(model).hexdigest(), cache_dir)
+    gpu = dataclasses.replace(gpu, fp16=gpu.fp16 and stage == "prepass")
     prefix = os.path.join(profile_dir, stage + ("_probs" if probs else "")) \
         if profile_dir else None
     # The pre-pass graph is ~470 ops over (K, Q, h, w) masks: without the CPU arena each one
     # faults in fresh pages (6 ADE20K windows on a CPU provider: 30 s -> 16 s).
     return create_session(model, full_precision(device), threads, gpu, prefix,
-                          arena=stage == "prepass")
+                          arena=stage == "prepass", fallback=fallback)
 
 
 def check_overrides(overrides: dict[str, Any]) -> None:

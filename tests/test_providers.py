@@ -4,6 +4,7 @@ settings, CUDA options that keep fp32 parity, int8 bundles kept off GPUs."""
 
 import hashlib
 import json
+import os
 import shutil
 
 import numpy as np
@@ -22,9 +23,11 @@ def test_tensorrt_options():
     gpu = GpuOptions(fp16=True, cache_dir="/c/abc",
                      profiles={"pixels": ((1, 3, 224, 224), (6, 3, 224, 224), (40, 3, 224, 224)),
                                "text": ((1, 64), (3, 64), (256, 64))})
-    assert provider_options(TRT, gpu) == {
+    opts = provider_options(TRT, gpu)
+    assert opts.pop("trt_engine_cache_path").startswith("/c/abc/")    # tests/test_gpu_sessions
+    assert opts == {
         "trt_fp16_enable": "1", "trt_max_workspace_size": str(4 << 30),
-        "trt_engine_cache_enable": "1", "trt_engine_cache_path": "/c/abc",
+        "trt_layer_norm_fp32_fallback": "1", "trt_engine_cache_enable": "1",
         "trt_timing_cache_enable": "1", "trt_timing_cache_path": "/c/abc",
         "trt_profile_min_shapes": "pixels:1x3x224x224,text:1x64",
         "trt_profile_opt_shapes": "pixels:6x3x224x224,text:3x64",
@@ -126,15 +129,17 @@ def test_tensorrt_sessions_get_cuda_behind_them_and_their_options(tiny_bundle, t
         assert [p for p, _ in chain] == [TRT, CUDA, CPU]
         trt, cuda = dict(chain[0][1]), dict(chain[1][1])
         if isinstance(path, bytes):                  # a stage graph, built at load
-            folder = tmp_path / hashlib.sha256(path).hexdigest()[:16]
+            graph = hashlib.sha256(path).hexdigest()
             assert trt["trt_fp16_enable"] == "0"     # stage graphs choose their precision
             assert trt["trt_profile_max_shapes"]     # every dynamic input has a profile
         else:
             name = next(g for g, e in manifest.graphs.items() if path.endswith(e.file))
-            folder = tmp_path / manifest.files[manifest.graphs[name].file].sha256[:16]
+            graph = manifest.files[manifest.graphs[name].file].sha256
             first = "pixels" if name == "encoder" else "tokens"
             assert trt["trt_profile_max_shapes"].startswith(f"{first}:40x")
-        assert trt["trt_engine_cache_path"] == str(folder) and folder.is_dir()
+        engine = {k: v for k, v in trt.items() if "cache" not in k}
+        folder = providers.engine_folder(str(tmp_path), graph, engine)
+        assert trt["trt_engine_cache_path"] == folder and os.path.isdir(folder)
         assert trt["trt_fp16_enable"] == "0" and cuda["use_tf32"] == "0"
     assert seg.device_type == "cuda"
     assert seg.plan["prepass"] == "graph" and seg.plan["connectivity"] == "numpy"
