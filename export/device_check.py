@@ -1,15 +1,21 @@
 """The device check: on a GPU machine, what the GPU providers compute and how fast.
 
 Makes random ViT-B/16 weights there (no download), exports fp32 and fp16 bundles for ADE20K
-(slide, 336x448: six windows) and VOC20 (whole image), checks CUDA (and TensorRT where its
-libraries load) against the CPU provider's fp32 labels, and times images per stage and a
-synthetic video (frames/s after a warm-up). Ends with one JSON line on stdout.
+(slide, 336x448: six windows; the default case) and, with ``--case voc20`` or ``--case all``,
+VOC20 (whole image), checks CUDA (and TensorRT where its libraries load) against the CPU
+provider's fp32 labels, and times images per stage and a synthetic video (frames/s after a
+warm-up).
 
-    python -m resclip_deploy.export.device_check [--cpu-only] [--tiny] [--frames 60] [-o out.json]
+    python -P -m resclip_deploy.export.device_check [--cpu-only] [--tiny] [--case ade20k|voc20|all]
+        [--frames 60] [--runs 5] [-o out.json]
 
+First a preflight (export/device_preflight.py, in a process without torch) says in seconds what
+ONNX Runtime finds. Output: JSON lines on stdout -- the preflight, one per finished run, the
+whole report last; ``-o`` rewrites the report file (atomically) after every run, with
+``"complete": false`` until the end, so a run stopped by a timeout still leaves its figures.
 ``--cpu-only`` skips the GPU providers (how the tests run it); ``--tiny`` uses a 4-block model
 and two-class vocabularies (seconds instead of minutes). scripts/device_check.sh runs it on a
-device machine with carried wheels.
+device machine with carried wheels (DEVELOPERS.md).
 """
 
 from __future__ import annotations
@@ -17,17 +23,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import onnxruntime as ort
 import open_clip
 import torch
 
+import resclip_deploy
 from resclip_deploy.bench import bench_photo, time_runtime, time_video
 from resclip_deploy.params import preset_params
 from resclip_deploy.runtime.providers import CUDA, TRT
@@ -39,6 +47,10 @@ from .clip_loader import LoadedCLIP
 
 # (name, preset, image size): the two configurations the GPU figures are reported for.
 CASES = (("ade20k", "ade20k", (336, 448)), ("voc20", "voc20", None))
+# ADE20K alone fits one device slot with its two exports; VOC20 adds two more.
+DEFAULT_CASES = ("ade20k",)
+# The preflight takes seconds; this only stops a hung CUDA initialisation from eating the slot.
+PREFLIGHT_TIMEOUT_S = 30
 TINY_CFG = {"embed_dim": 64,
             "vision_cfg": {"image_size": 224, "layers": 4, "width": 128, "patch_size": 16},
             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 1,
@@ -131,16 +143,67 @@ def check_fused(bundle: str, device: str, rgb: np.ndarray, truth: Any,
             "labels_vs_cpu_fp32": float((labels[0] == truth.labels).mean())}
 
 
+def selected_cases(names: Optional[list[str]]) -> list[tuple[str, str, Any]]:
+    """``--case`` values (None: the default) -> the CASES to run, in CASES order."""
+    wanted = set(names or DEFAULT_CASES)
+    return [case for case in CASES if "all" in wanted or case[0] in wanted]
+
+
+def write_atomically(path: str, text: str) -> None:
+    """Replace ``path`` by ``text`` in one step: a reader (or a timeout) sees the old file or
+    the new one, never half of one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, partial = tempfile.mkstemp(prefix=".device-check-", suffix=".json", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(partial, path)
+    except BaseException:
+        os.unlink(partial)
+        raise
+
+
+def reporter(report: dict[str, Any], path: Optional[str]) -> Callable[[dict[str, Any]], None]:
+    """-> ``save(event)``: prints the event as one JSON line and rewrites ``path`` (if any) with
+    the whole report as it stands."""
+    def save(event: dict[str, Any]) -> None:
+        print(json.dumps(event, default=float), flush=True)
+        if path:
+            write_atomically(path, json.dumps(report, default=float) + "\n")
+    return save
+
+
+def run_preflight(workdir: str) -> dict[str, Any]:
+    """export/device_preflight.py in a child process (without torch; see there), its JSON plus
+    the end of what it logged (ONNX Runtime says there why a provider did not load)."""
+    start = time.perf_counter()
+    try:
+        # cwd: not the repository root, whose source folder resclip_deploy/ lacks `export`
+        child = subprocess.run([sys.executable, "-m", "resclip_deploy.export.device_preflight"],
+                               capture_output=True, text=True, cwd=workdir,
+                               timeout=PREFLIGHT_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return {"error": f"no answer in {PREFLIGHT_TIMEOUT_S} s"}
+    lines = child.stdout.strip().splitlines()
+    try:
+        result = json.loads(lines[-1]) if child.returncode == 0 and lines else None
+    except json.JSONDecodeError:
+        result = None
+    if result is None:
+        result = {"error": f"exit {child.returncode}"}
+    # ONNX Runtime colours its log lines; the report keeps the text
+    logged = re.sub(r"\x1b\[[0-9;]*m", "", child.stderr)
+    result["stderr_tail"] = " ".join(logged.split())[-1500:]
+    result["wall_s"] = round(time.perf_counter() - start, 2)
+    return result
+
+
 def run(cpu_only: bool, tiny: bool, frames: int, runs: int, workdir: str,
-        only: Optional[list[str]] = None) -> dict[str, Any]:
+        cases: list[tuple[str, str, Any]], report: dict[str, Any],
+        save: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Every case into ``report["cases"]``, calling ``save`` after each export and each run."""
     clip = random_clip(tiny)
-    report: dict[str, Any] = {"ort_version": ort.__version__,
-                              "available_providers": ort.get_available_providers(),
-                              "torch_cuda": torch.cuda.is_available(), "tiny": tiny,
-                              "cases": []}
-    for name, preset, size in CASES:
-        if only and name not in only:
-            continue
+    for name, preset, size in cases:
         vocab = parse_class_list("cat|kitten,sofa") if tiny else preset_vocabulary(preset)
         rgb = bench_photo(size)
         truth = None
@@ -154,6 +217,9 @@ def run(cpu_only: bool, tiny: bool, frames: int, runs: int, workdir: str,
                     "verification": {k: manifest.verification[k] for k in
                                      ("labels_agreement", "probs_max_abs_diff")},
                     "runs": []}
+            report["cases"].append(case)
+            where = {"case": name, "precision": precision}
+            save({**where, "export_s": case["export_s"]})
             for device in devices(cpu_only):
                 # Video on the CPU only for the tiny model: ViT-B/16 frames take a second each.
                 video = frames if device != "cpu" or tiny else 0
@@ -161,11 +227,13 @@ def run(cpu_only: bool, tiny: bool, frames: int, runs: int, workdir: str,
                 if truth is None:                   # CPU fp32 is the reference of the rest
                     truth = result
                 case["runs"].append(entry)
+                save({**where, "run": entry})
                 # The fused chain runs its pre-pass as graph ops: minutes on a CPU for ViT-B/16.
                 if truth is not None and (device != "cpu" or tiny):
-                    case.setdefault("fused", []).append(
-                        check_fused(folder, device, rgb, truth, runs))
-            report["cases"].append(case)
+                    chain = check_fused(folder, device, rgb, truth, runs)
+                    case.setdefault("fused", []).append(chain)
+                    save({**where, "fused": chain})
+    report["complete"] = True
     return report
 
 
@@ -175,17 +243,30 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="a 4-block model, two classes")
     parser.add_argument("--frames", type=int, default=60, help="video frames per run (0: none)")
     parser.add_argument("--runs", type=int, default=5, help="timed images per run")
-    parser.add_argument("--case", action="append", choices=[c[0] for c in CASES],
-                        help="only this case (repeatable; default: all)")
-    parser.add_argument("-o", "--output", default=None, help="also write the JSON here")
+    parser.add_argument("--case", action="append", choices=[c[0] for c in CASES] + ["all"],
+                        help="this case (repeatable; 'all': every case; default: "
+                             + ", ".join(DEFAULT_CASES) + ")")
+    parser.add_argument("-o", "--output", default=None,
+                        help="the report as JSON, rewritten after every run")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="resclip-device-check-") as workdir:
-        report = run(args.cpu_only, args.tiny, args.frames, args.runs, workdir, args.case)
-    line = json.dumps(report, default=float)
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
-            f.write(line + "\n")
-    print(line)
+        preflight = run_preflight(workdir)
+        report: dict[str, Any] = {"complete": False, "preflight": preflight,
+                                  "package": os.path.dirname(resclip_deploy.__file__),
+                                  "ort_version": ort.__version__,
+                                  "available_providers": ort.get_available_providers(),
+                                  "torch_cuda": torch.cuda.is_available(), "tiny": args.tiny,
+                                  "cases": []}
+        save = reporter(report, args.output)
+        save({"preflight": preflight})
+        try:
+            run(args.cpu_only, args.tiny, args.frames, args.runs, workdir,
+                selected_cases(args.case), report, save)
+        except Exception as e:  # the report keeps what ran, and says where it stopped
+            report["error"] = " ".join(f"{type(e).__name__}: {e}".split())[:600]
+            save({"error": report["error"]})
+            raise
+    save(report)
     return 0
 
 

@@ -1,20 +1,30 @@
 #!/usr/bin/env bash
-# The device check on a GPU machine (see resclip_deploy/export/device_check.py): one JSON line.
+# The device check on a GPU machine (export/device_check.py, installed as
+# resclip_deploy.export.device_check): JSON lines on stdout, the report rewritten after every
+# run with -o FILE. Arguments go to the check, e.g.
+#   scripts/device_check.sh --case ade20k --frames 60 --runs 5 -o "$OUT/device_check.json"
 #
-# The machine needs only Python with torch; everything else travels as wheels in $WHEELS
-# (default .whl/ in the repository root): this project's wheel (`pip wheel --no-deps -w .whl .`)
-# and its dependencies for the machine's Python (open_clip_torch, onnx, onnxscript, onnx-ir,
-# ml_dtypes, tokenizers, opencv-python-headless, click, scipy, safetensors, huggingface_hub,
-# ftfy, regex, wcwidth, tqdm, timm, and onnxruntime-gpu, whose wheel may travel in pieces:
-# `split -b 60M` here, `cat part-* > onnxruntime_gpu-*.whl` there). Arguments go to the check,
-# e.g. `scripts/device_check.sh --frames 100 -o $OUT/device_check.json`.
+# Wheels in $WHEELS (default .whl/ in the repository root) are installed first with
+# `pip --target $RESCLIP_SITE` (default /tmp/resclip-site), which goes first on PYTHONPATH: on
+# the device, this project's wheel and what its image lacks (DEVELOPERS.md;
+# scripts/prepare_device.py builds them and reassembles the ones that travel in pieces).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 wheels="${WHEELS:-.whl}"
+site="${RESCLIP_SITE:-/tmp/resclip-site}"
 if [ -d "$wheels" ] && ls "$wheels"/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/resclip-site "$wheels"/*.whl
-    export PYTHONPATH="/tmp/resclip-site${PYTHONPATH:+:$PYTHONPATH}"
+        --target "$site" "$wheels"/*.whl
+    # onnxruntime.preload_dlls() looks for the CUDA libraries' nvidia/ folder beside
+    # onnxruntime/, as one site-packages holds both in a normal install; here they are apart.
+    nvidia="$(python3 -P -c 'import nvidia; print(next(iter(nvidia.__path__)))' 2>/dev/null)" \
+        || nvidia=""
+    if [ -n "$nvidia" ] && [ -d "$site/onnxruntime" ] && [ ! -e "$site/nvidia" ]; then
+        ln -s "$nvidia" "$site/nvidia"
+    fi
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >&2 || true
-exec python3 -m resclip_deploy.export.device_check "$@"
+# -P (Python >= 3.11): without it `-m` puts the current folder, the repository root, first on
+# sys.path, where the source folder resclip_deploy/ shadows the installed package and lacks
+# `export` (setuptools maps resclip_deploy.export to export/).
+exec python3 -P -m resclip_deploy.export.device_check "$@"
