@@ -96,7 +96,7 @@ def check_one(bundle: str, device: str, rgb: np.ndarray, truth: Optional[Any], r
     try:
         seg = Segmenter.from_bundle(bundle, device=device)
     except Exception as e:  # a provider that does not start is a result, not a crash
-        return {"device": device, "error": " ".join(str(e).split())[:300]}, None
+        return {"device": device, "error": " ".join(str(e).split())[:600]}, None
     start = time.perf_counter()
     first = seg.segment(rgb)
     entry: dict[str, Any] = {"device": device, "providers": seg.providers,
@@ -119,14 +119,12 @@ def check_one(bundle: str, device: str, rgb: np.ndarray, truth: Optional[Any], r
 
 def check_fused(bundle: str, device: str, rgb: np.ndarray, truth: Any,
                 runs: int) -> dict[str, Any]:
-    """The one-graph chain (runtime/fused.py) on one provider: labels against CPU fp32 and
-    seconds per image (host inputs included)."""
-    from resclip_deploy.bundle import read_bundle
+    """The one-graph chain (runtime/fused.py) on one provider, with its TensorRT profiles and
+    engine cache: labels against CPU fp32 and seconds per image (host inputs included)."""
     from resclip_deploy.runtime import fused
-    from resclip_deploy.runtime.providers import create_session
+    from resclip_deploy.runtime.providers import providers_of
     try:
-        manifest = read_bundle(bundle).manifest
-        session = create_session(fused.fused_model(bundle).SerializeToString(), device, None)
+        session, manifest = fused.fused_session(bundle, device)
         names = {i.name for i in session.get_inputs()}
 
         def once() -> np.ndarray:
@@ -137,8 +135,8 @@ def check_fused(bundle: str, device: str, rgb: np.ndarray, truth: Any,
         for _ in range(runs):
             once()
     except Exception as e:  # reported, as a provider that does not start
-        return {"device": device, "error": " ".join(str(e).split())[:300]}
-    return {"device": device, "providers": session.get_providers(),
+        return {"device": device, "error": " ".join(str(e).split())[:600]}
+    return {"device": device, "providers": providers_of(session),
             "image_s": round((time.perf_counter() - start) / runs, 4),
             "labels_vs_cpu_fp32": float((labels[0] == truth.labels).mean())}
 
