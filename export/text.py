@@ -37,7 +37,9 @@ def encode_text_prefix(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Te
     x = tower.token_embedding(tokens) + tower.positional_embedding[:n]
     x = tower.transformer(x, attn_mask=tower.attn_mask[:n, :n])
     x = tower.ln_final(x)
-    x = text_global_pool(x, tokens, tower.text_pool_type,
+    # token ids as float32 (exact below 2**24): the exported graph's ArgMax then has a kernel in
+    # ONNX Runtime's CUDA provider, which has none for int64
+    x = text_global_pool(x, tokens.float(), tower.text_pool_type,
                          eos_token_id=getattr(tower, "text_eos_id", None))
     proj = tower.text_projection
     return proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj

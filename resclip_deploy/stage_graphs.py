@@ -9,6 +9,12 @@ and vocabulary. Batch, window and image sizes are dynamic.
 Written for graph compilers (TensorRT, ORT's CUDA provider): PAMR's iteration is one edge pad then
 16 same-shape slices, multiplies and adds (no (…, 16, h, w) stack); the patch vote and the synonym
 max are compare/gather + reduce; the window merge and the output resize are two matrix products.
+Every provider takes the graphs as they are: no ArgMax (TensorRT imports it as TopK, whose order
+among equal values is unspecified, and cuDNN's reduction with indices does not document one), but
+max, compare, select and min (:func:`_first_argmax`), which give numpy's first index on ties
+whatever the kernel; label outputs are cast from float (TensorRT converts uint8 only to and from
+float types); the row blur's Conv, whose weights are computed in the graph, names its kernel size
+(TensorRT 10.1's parser reads it only from ``kernel_shape``).
 """
 
 from __future__ import annotations
@@ -128,6 +134,26 @@ def _same_label(b: Builder, flat: str) -> str:
     return b.op("Equal", b.op("Unsqueeze", flat, b.i64(2)), b.op("Unsqueeze", flat, b.i64(1)))
 
 
+def _first_argmax(b: Builder, x: str, axis: int, index: str, peak: str | None = None) -> str:
+    """The index of the largest value along ``axis`` (removed), as float32; the first of equal
+    largest values, as numpy's argmax. ``index``: 0, 1, … float32 along ``axis``, broadcastable
+    to ``x``; ``peak``: ReduceMax(x, axis) with the axis kept, where the caller has it.
+
+    Max, compare, select and min are exact and their order does not matter, so every kernel
+    gives the same answer (an ArgMax kernel breaks ties as it likes). Indices are exact in
+    float32 below 2**24."""
+    if peak is None:
+        peak = b.op("ReduceMax", x, b.i64(axis))
+    candidates = b.op("Where", b.op("Equal", x, peak), index, b.f32(2.0 ** 24))
+    return b.op("ReduceMin", candidates, b.i64(axis), keepdims=0)
+
+
+def _float_range(b: Builder, n: str) -> str:
+    """0, 1, …, n − 1 as float32 (n: a 1-element int64 tensor)."""
+    return b.op("Cast", b.op("Range", b.const(np.int64(0)), b.op("Squeeze", n),
+                             b.const(np.int64(1))), to=F32)
+
+
 # --- the stages -------------------------------------------------------------------------------
 
 
@@ -150,6 +176,7 @@ def prepass_graph(patch: int, logit_scale: float, dilations: Sequence[int],
     prepass_logits (K, Q, gh·gw), windows (K, 3, h, w), temp_thd () -> patch_labels (K, gh, gw)
     int64, prepass_argmax (K, h, w) int64, prepass_maxprob (K, h, w) float32. ``fp16``: the
     PAMR iterations in half precision (fp16 bundles; half the memory traffic), the rest fp32.
+    Labels are float32 inside (exact integers; half the bytes of int64) and int64 at the outputs.
     """
     b = Builder("prepass")
     logits = b.input("prepass_logits", F32, ["K", "Q", "N"])
@@ -176,13 +203,15 @@ def prepass_graph(patch: int, logit_scale: float, dilations: Sequence[int],
     if fp16:
         mask = b.op("Cast", mask, to=F32)
     z = b.op("Mul", mask, b.f32(logit_scale))
-    best = b.op("ArgMax", z, axis=1, keepdims=0, select_last_index=0)
-    total = b.op("ReduceSum", b.op("Exp", b.op("Sub", z, b.op("ReduceMax", z, b.i64(1)))),
-                 b.i64(1), keepdims=0)
+    peak = b.op("ReduceMax", z, b.i64(1))
+    queries = _float_range(b, q)
+    best = _first_argmax(b, z, 1, b.op("Unsqueeze", queries, b.i64(1, 2)), peak)
+    total = b.op("ReduceSum", b.op("Exp", b.op("Sub", z, peak)), b.i64(1), keepdims=0)
     maxprob = b.op("Div", b.f32(1.0), total)
-    labels = b.op("Where", b.op("Less", maxprob, temp_thd), b.const(np.int64(0)), best)
-    b.output(_patch_vote(b, labels, k, gh, gw, q, patch), "patch_labels", I64, ["K", "gh", "gw"])
-    b.output(best, "prepass_argmax", I64, ["K", "h", "w"])
+    labels = b.op("Where", b.op("Less", maxprob, temp_thd), b.f32(0.0), best)
+    b.output(b.op("Cast", _patch_vote(b, labels, k, gh, gw, queries, patch), to=I64),
+             "patch_labels", I64, ["K", "gh", "gw"])
+    b.output(b.op("Cast", best, to=I64), "prepass_argmax", I64, ["K", "h", "w"])
     b.output(maxprob, "prepass_maxprob", F32, ["K", "h", "w"])
     return b.model()
 
@@ -211,8 +240,10 @@ def _pamr_weights(b: Builder, image: str, hw: str, dilations: tuple[int, ...]) -
     return [b.op("Div", e, total) for e in exps]
 
 
-def _patch_vote(b: Builder, labels: str, k: str, gh: str, gw: str, q: str, patch: int) -> str:
-    """(K, h, w) pixel labels -> (K, gh, gw) most frequent label per patch, smallest on ties."""
+def _patch_vote(b: Builder, labels: str, k: str, gh: str, gw: str, queries: str,
+                patch: int) -> str:
+    """(K, h, w) float32 pixel labels -> (K, gh, gw) float32 most frequent label per patch,
+    smallest on ties (real ones: counts are integers). ``queries``: 0 … Q − 1 float32."""
     p = b.i64(patch)
     cropped = b.op("Slice", labels, b.i64(0, 0), b.op("Concat", b.op("Mul", gh, p),
                                                       b.op("Mul", gw, p), axis=0), b.i64(1, 2))
@@ -220,10 +251,9 @@ def _patch_vote(b: Builder, labels: str, k: str, gh: str, gw: str, q: str, patch
     cells = b.op("Transpose", cells, perm=[0, 1, 3, 2, 4])
     cells = b.op("Reshape", cells, b.op("Concat", k, gh, gw, b.i64(patch * patch), b.i64(1),
                                         axis=0))
-    queries = b.op("Range", b.const(np.int64(0)), b.op("Squeeze", q), b.const(np.int64(1)))
     counts = b.op("ReduceSum", b.op("Cast", b.op("Equal", cells, queries), to=F32), b.i64(3),
                   keepdims=0)
-    return b.op("ArgMax", counts, axis=3, keepdims=0, select_last_index=0)
+    return _first_argmax(b, counts, 3, queries)
 
 
 def connectivity_graph(connectivity: str, max_side: int) -> onnx.ModelProto:
@@ -319,7 +349,8 @@ def _row_blur(b: Builder, m: str, k: str, n: str, std: float) -> str:
     g = b.op("Where", b.op("LessOrEqual", b.const(np.abs(x)), radius), b.const(g), b.f32(0.0))
     g = b.op("Div", g, b.op("ReduceSum", g, keepdims=0))
     rows = b.op("Reshape", m, b.op("Concat", b.op("Mul", k, n), b.i64(1), n, axis=0))
-    out = b.op("Conv", rows, b.op("Reshape", g, b.i64(1, 1, taps)),
+    # kernel_shape although the weights' shape says it: TensorRT 10.1 reads only the attribute
+    out = b.op("Conv", rows, b.op("Reshape", g, b.i64(1, 1, taps)), kernel_shape=[taps],
                pads=[taps // 2, taps // 2])
     return b.op("Reshape", out, b.op("Concat", k, n, n, axis=0))
 
@@ -334,7 +365,8 @@ def output_graph(query_to_class: Sequence[int], logit_scale: float, labels_dtype
     probs (F, C, H0, W0) float32 when ``probs``. The merge, the division by the window count
     and the resize to (H0, W0) are linear and separable in y and x: canvas_q = rows · G_q · colsᵀ.
     Labels only: no softmax unless ``threshold`` (then only its denominator; without it the
-    graph has no prob_thd input), as :func:`postprocess.finalize` skips it.
+    graph has no prob_thd input), as :func:`postprocess.finalize` skips it. Labels are float32
+    until the output's cast (exact below 2**24 classes).
     """
     q2c = np.asarray(query_to_class, dtype=np.int64)
     b = Builder("output")
@@ -345,29 +377,33 @@ def output_graph(query_to_class: Sequence[int], logit_scale: float, labels_dtype
     prob_thd = b.input("prob_thd", F32, []) if softmax else None
     ny, gh, nx, gw = b.dim(rows, 1), b.dim(rows, 2), b.dim(cols, 1), b.dim(cols, 2)
     q = b.dim(logits, 1)
+    # queries last, so that every reduction over them reads contiguous memory
     grids = b.op("Reshape", logits, b.op("Concat", b.i64(-1), ny, nx, q, gh, gw, axis=0))
-    grids = b.op("Transpose", grids, perm=[0, 3, 1, 4, 2, 5])          # (F, Q, ny, gh, nx, gw)
-    grids = b.op("Reshape", grids, b.op("Concat", b.i64(-1), q, b.op("Mul", ny, gh),
-                                        b.op("Mul", nx, gw), axis=0))
-    left = b.op("Reshape", rows, b.i64(0, -1))
-    right = b.op("Transpose", b.op("Reshape", cols, b.i64(0, -1)), perm=[1, 0])
-    z = b.op("Mul", b.op("MatMul", b.op("MatMul", left, grids), right), b.f32(logit_scale))
+    grids = b.op("Transpose", grids, perm=[0, 1, 4, 2, 5, 3])          # (F, ny, gh, nx, gw, Q)
+    grids = b.op("Reshape", grids, b.op("Concat", b.i64(-1), b.op("Mul", ny, gh),
+                                        b.op("Mul", b.op("Mul", nx, gw), q), axis=0))
+    by_rows = b.op("MatMul", b.op("Reshape", rows, b.i64(0, -1)), grids)   # (F, H0, nx·gw·Q)
+    by_rows = b.op("Reshape", by_rows, b.op("Concat", b.i64(0, 0), b.op("Mul", nx, gw), q,
+                                            axis=0))
+    z = b.op("MatMul", b.op("Reshape", cols, b.i64(0, -1)), by_rows)       # (F, H0, W0, Q)
+    z = b.op("Mul", z, b.f32(logit_scale))
+    classes = b.const(np.arange(int(q2c.max()) + 1, dtype=np.float32))
     if not softmax:
-        labels = b.op("ArgMax", _class_max(b, z, q2c), axis=1, keepdims=0, select_last_index=0)
+        labels = _first_argmax(b, _class_max(b, z, q2c), 3, classes)
         b.output(b.op("Cast", labels, to=labels_dtype), "labels", labels_dtype, ["F", "H0", "W0"])
         return b.model()
-    e = b.op("Exp", b.op("Sub", z, b.op("ReduceMax", z, b.i64(1))))
-    total = b.op("ReduceSum", e, b.i64(1), keepdims=0)
+    e = b.op("Exp", b.op("Sub", z, b.op("ReduceMax", z, b.i64(3))))
+    total = b.op("ReduceSum", e, b.i64(3), keepdims=0)
     cls = _class_max(b, e, q2c)
-    best = b.op("ReduceMax", cls, b.i64(1), keepdims=0)
-    labels = b.op("ArgMax", cls, axis=1, keepdims=0, select_last_index=0)
-    low = b.op("Less", b.op("Div", best, total), prob_thd)
-    labels = b.op("Where", low, b.const(np.int64(0)), labels)
+    peak = b.op("ReduceMax", cls, b.i64(3))
+    labels = _first_argmax(b, cls, 3, classes, peak)
+    low = b.op("Less", b.op("Div", b.op("Squeeze", peak, b.i64(3)), total), prob_thd)
+    labels = b.op("Where", low, b.f32(0.0), labels)
     b.output(b.op("Cast", labels, to=labels_dtype), "labels", labels_dtype, ["F", "H0", "W0"])
     if probs:
-        p = b.op("Div", cls, b.op("Unsqueeze", total, b.i64(1)))
-        p = b.op("Div", p, b.op("ReduceSum", p, b.i64(1)))
-        b.output(p, "probs", F32, ["F", "C", "H0", "W0"])
+        p = b.op("Div", cls, b.op("Unsqueeze", total, b.i64(3)))
+        p = b.op("Div", p, b.op("ReduceSum", p, b.i64(3)))
+        b.output(b.op("Transpose", p, perm=[0, 3, 1, 2]), "probs", F32, ["F", "C", "H0", "W0"])
     return b.model()
 
 
@@ -382,7 +418,7 @@ def labels_dtype(num_classes: int) -> tuple[int, type]:
 
 
 def _class_max(b: Builder, e: str, q2c: np.ndarray) -> str:
-    """(F, Q, H0, W0) -> (F, C, H0, W0), the max over each class's synonyms (queries grouped by
+    """(F, H0, W0, Q) -> (F, H0, W0, C), the max over each class's synonyms (queries grouped by
     class, as a Vocabulary's are). No synonyms: nothing to do."""
     classes = int(q2c.max()) + 1
     if classes == len(q2c):
@@ -391,7 +427,7 @@ def _class_max(b: Builder, e: str, q2c: np.ndarray) -> str:
     widest = max(len(m) for m in members)
     # each class's queries, padded with its first (a repeat does not change a max)
     table = np.array([np.r_[m, np.full(widest - len(m), m[0])] for m in members], dtype=np.int64)
-    return b.op("ReduceMax", b.op("Gather", e, b.const(table), axis=1), b.i64(2), keepdims=0)
+    return b.op("ReduceMax", b.op("Gather", e, b.const(table), axis=3), b.i64(4), keepdims=0)
 
 
 def stage_model(stage: str, params: ResCLIPParams, patch: int, query_to_class: Sequence[int],

@@ -2,6 +2,7 @@
 the stage table, and the graph path against the numpy path through whole bundles."""
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
@@ -187,6 +188,102 @@ def test_output_graph_equals_numpy(mode, input_hw, out_hw, q2c):
     no_thd = session(stage_graphs.output_graph(q2c, p.logit_scale, probs=False, threshold=False))
     bare, = no_thd.run(None, {"logits": logits, "rows": rows, "cols": cols})
     assert (bare[0] == plain.labels).mean() >= 0.9999
+
+
+# --- ties: the answer must not depend on how a kernel breaks them -----------------------------
+
+
+def ties_the_other_way(model):
+    """A copy of ``model`` whose ArgMax nodes take the last of equal values: what a kernel with
+    another tie order would give (TensorRT's TopK and cuDNN leave the order unspecified)."""
+    flipped = onnx.ModelProto()
+    flipped.CopyFrom(model)
+    for node in flipped.graph.node:
+        if node.op_type == "ArgMax":
+            kept = [a for a in node.attribute if a.name != "select_last_index"]
+            del node.attribute[:]
+            node.attribute.extend([*kept, onnx.helper.make_attribute("select_last_index", 1)])
+    return flipped
+
+
+def run_both_tie_orders(model, feeds):
+    """The graph's outputs, checked equal under either tie order."""
+    as_is = session(model).run(None, feeds)
+    other = session(ties_the_other_way(model)).run(None, feeds)
+    for a, b in zip(as_is, other):
+        np.testing.assert_array_equal(a, b)
+    return as_is
+
+
+def test_prepass_argmax_takes_the_first_of_equal_queries():
+    rng = np.random.default_rng(7)
+    logits = blobs(rng, 2, 4, 5, 6)
+    logits[:, 2] = logits[:, 1]          # query 2 ties with query 1 wherever they lead
+    windows = rng.standard_normal((2, 3, 80, 96)).astype(np.float32)
+    p = ResCLIPParams(temp_thd=0.0)
+    argmax, _, grids = pipeline.prepass_step(logits, windows, p, 16)
+    assert (argmax == 1).mean() > 0.05 and not (argmax == 2).any()
+    graph = stage_graphs.prepass_graph(16, p.logit_scale, PAMR_DILATIONS, PAMR_ITERATIONS)
+    g_grids, g_argmax, _ = run_both_tie_orders(graph, {
+        "prepass_logits": logits, "windows": windows, "temp_thd": np.array(0.0, np.float32)})
+    assert not (g_argmax == 2).any() and not (g_grids == 2).any()
+    assert (g_argmax == argmax).mean() >= 0.9999
+    np.testing.assert_array_equal(g_grids, grids)
+
+
+def test_patch_vote_takes_the_smaller_of_equal_counts():
+    """Queries 1 and 2 cross at the centre of patch column 2 of a symmetric window: 8 pixel
+    columns each, 128 pixels to 128 in both of its patches."""
+    gh, gw = 2, 5
+    ramp = np.float32(0.1) * (2 - np.arange(gw, dtype=np.float32))
+    logits = np.zeros((1, 3, gh, gw), np.float32)
+    logits[0, 1] = 0.5 + ramp
+    logits[0, 2] = 0.5 - ramp
+    logits = logits.reshape(1, 3, gh * gw)
+    windows = np.zeros((1, 3, 16 * gh, 16 * gw), np.float32)
+    p = ResCLIPParams(temp_thd=0.0)
+    argmax, maxprob, grids = pipeline.prepass_step(logits, windows, p, 16)
+    labels = sfr.pixel_labels(argmax, maxprob, p.temp_thd)[0]
+    for r in range(gh):
+        cell = labels[16 * r:16 * (r + 1), 32:48]
+        assert (cell == 1).sum() == (cell == 2).sum() == 128
+    assert (grids[0, :, 2] == 1).all()
+    graph = stage_graphs.prepass_graph(16, p.logit_scale, PAMR_DILATIONS, PAMR_ITERATIONS)
+    g_grids, g_argmax, _ = run_both_tie_orders(graph, {
+        "prepass_logits": logits, "windows": windows, "temp_thd": np.array(0.0, np.float32)})
+    np.testing.assert_array_equal(g_argmax, argmax)
+    np.testing.assert_array_equal(g_grids, grids)
+
+
+@pytest.mark.parametrize("variant", ["probs", "threshold", "bare"])
+@pytest.mark.parametrize("dtype", [stage_graphs.U8, stage_graphs.I32], ids=["uint8", "int32"])
+def test_output_labels_take_the_first_of_equal_classes(variant, dtype):
+    """Class 2's one query is a copy of query 1, one of class 1's two: class 2 never beats
+    class 1 and equals it wherever query 1 leads."""
+    rng = np.random.default_rng(8)
+    q2c = [0, 1, 1, 2, 3]
+    p = ResCLIPParams(prob_thd=0.0 if variant == "bare" else 0.3)
+    boxes = geometry.window_boxes(336, 448, "slide", p.crop, p.stride)
+    logits = blobs(rng, len(boxes), len(q2c), 14, 14)
+    logits[:, 3] = logits[:, 1]
+    prepared = pipeline.Prepared(np.zeros((len(boxes), 3, 224, 224), np.float32), boxes,
+                                 (336, 448), (300, 400))
+    vocab = type("V", (), {"query_to_class": q2c, "class_names": ("a", "b", "c", "d")})
+    scored = pipeline.finish(prepared, logits, p, 16, vocab, True, pipeline.Timings())
+    assert ((scored.labels == 1) & (scored.probs[1] == scored.probs[2])).mean() > 0.05
+    want = scored.labels if variant == "probs" else pipeline.finish(
+        prepared, logits, p, 16, vocab, False, pipeline.Timings()).labels
+    assert not (want == 2).any()
+    rows, cols = geometry.merge_matrices(boxes, (336, 448), (300, 400), (14, 14))
+    graph = stage_graphs.output_graph(q2c, p.logit_scale, dtype, probs=variant == "probs",
+                                      threshold=variant != "bare")
+    feeds = {"logits": logits, "rows": rows, "cols": cols}
+    if variant != "bare":
+        feeds["prob_thd"] = np.array(p.prob_thd, np.float32)
+    labels = run_both_tie_orders(graph, feeds)[0]
+    assert labels.dtype == (np.uint8 if dtype == stage_graphs.U8 else np.int32)
+    assert not (labels == 2).any()
+    assert (labels[0] == want).mean() >= 0.9999
 
 
 def test_labels_type_fits_the_classes():
