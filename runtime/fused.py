@@ -28,7 +28,7 @@ from resclip_deploy.geometry import merge_matrices
 from resclip_deploy.params import ResCLIPParams
 from resclip_deploy.pipeline import prepare
 
-from .providers import check_device_for_precision, create_session, gpu_options
+from .providers import check_device_for_precision, graph_session
 from .segmenter import DEVICE_RESIDENT
 
 
@@ -117,9 +117,9 @@ def fused_session(bundle_dir: str, device: str, threads: Optional[int] = None,
     manifest = read_bundle(bundle_dir).manifest
     device = check_device_for_precision(device, manifest.precision)
     model = fused_model(bundle_dir, connectivity).SerializeToString()
-    gpu = gpu_options(manifest, stage_graphs.input_names(model),
-                      hashlib.sha256(model).hexdigest(), cache_dir)
-    return create_session(model, device, threads, gpu, fallback=device == "auto"), manifest
+    return graph_session(model, device, threads, manifest, stage_graphs.input_names(model),
+                         hashlib.sha256(model).hexdigest(), cache_dir,
+                         len(manifest.vocabulary.queries), fallback=device == "auto"), manifest
 
 
 def write_fused(bundle_dir: str, out: str, connectivity: Optional[str] = None) -> None:

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
+import importlib.util
 import io
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -22,7 +25,7 @@ import tempfile
 import threading
 import weakref
 from dataclasses import dataclass, field, replace
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import onnx
@@ -106,12 +109,14 @@ SCALAR_INPUTS = ("temp_thd", "prob_thd")
 # (onnxruntime 1.31; https://github.com/microsoft/onnxruntime/pull/31624, open: "its execution
 # context remained on profile 0, so inputs belonging to other profiles failed"). Graphs whose
 # landscape and portrait runs need different ranges (whole-image mode: the window is the
-# image) take one session per orientation (:func:`orientations`, :func:`orientation_of`).
+# image) take one session per orientation (:func:`orientations`, :func:`fits`).
 ORIENTATIONS = ("landscape", "portrait")
-# Output pixels (rows, columns) of one output-graph run at the profiles' maximum. TensorRT sizes
-# an engine's activations for that point: F x C x rows x columns floats per tensor (ADE20K, one
-# image of 150 queries: 2.5 GB), so larger outputs are made in tiles of at most this side.
-OUTPUT_TILE = 2048
+# One (frames, queries, rows, columns) float32 tensor of the output graph at the profiles'
+# maximum. TensorRT sizes an engine's activations for that point, so the output side there
+# follows from it (output_tile: ADE20K 640 pixels, at most OUTPUT_TILE_MAX) and larger outputs
+# go in tiles of that side.
+OUTPUT_RUN_BYTES = 256 << 20
+OUTPUT_TILE_MAX = 1024
 
 
 @dataclass(frozen=True)
@@ -136,40 +141,63 @@ class RunShape:
 
 
 def run_levels(manifest: Manifest, orientation: str = "landscape",
-               ) -> tuple[RunShape, RunShape, RunShape]:
+               queries: Optional[int] = None) -> tuple[RunShape, RunShape, RunShape]:
     """The (min, opt, max) points of the TensorRT profiles, each a run the runtime makes.
+    ``queries``: the query count of the vocabulary a graph is built for (the stage graphs);
+    None: the bundle's graphs (:func:`query_range`).
 
-    min: one window of one patch a side (thin strips come close). opt: one 4:3 image. max: the
-    widest image the resize rule makes (short side x long-side cap, the most windows and tokens
-    one image has), as many of them as give at least GPU_FRAMES_PER_RUN windows: four frames in
-    whole-image mode; one image in slide mode, whose windows already fill a GPU (ADE20K: 36
-    windows, ~7,000 tokens per encoder run) while every window adds (Q, 224, 224) pre-pass masks.
+    min: one window of one patch a side (thin strips come close), one output pixel. opt: one
+    4:3 image, its output at network size. max: the widest image the resize rule makes (short
+    side x long-side cap, the most windows and tokens one image has), as many of them as give at
+    least GPU_FRAMES_PER_RUN windows: four frames in whole-image mode; one image in slide mode,
+    whose windows already fill a GPU (ADE20K: 36 windows, ~7,000 tokens per encoder run) while
+    every window adds (Q, 224, 224) pre-pass masks; output tiles of :func:`output_tile` a side.
     A portrait run is the transpose of a landscape one.
     """
     if orientation not in ORIENTATIONS:
         raise ValueError(f"orientation {orientation!r}: one of {ORIENTATIONS}")
     p, patch = manifest.params, manifest.model.patch
-    queries = len(manifest.vocabulary.queries)
-    # A bundle's own text bank is a graph constant: its query count cannot change. A runtime
-    # vocabulary (a --text-encoder bundle) may have any size.
-    q = (1, queries, max(4 * queries, 256)) if manifest.text_input else (queries,) * 3
-    typical = _image_run(p, geometry.keep_ratio_size(3, 4, p.short_side, p.long_side_max),
-                         q[1])
+    q = query_range(manifest) if queries is None else (queries,) * 3
     widest = _image_run(p, geometry.keep_ratio_size(p.short_side, p.long_side_max,
-                                                    p.short_side, p.long_side_max), q[2])
+                                                    p.short_side, p.long_side_max), q[2], 1)
     frames = -(-GPU_FRAMES_PER_RUN // widest.windows)
+    tile = _tile_side(frames, q[2])
+    typical = _image_run(p, geometry.keep_ratio_size(3, 4, p.short_side, p.long_side_max),
+                         q[1], tile)
     levels = (RunShape(1, (1, 1), (patch, patch), (1, 1), q[0]), typical,
-              replace(widest, frames=frames, out=(OUTPUT_TILE, OUTPUT_TILE)))
+              replace(widest, frames=frames, out=(tile, tile)))
     return levels if orientation == "landscape" else tuple(r.transposed() for r in levels)
 
 
-def _image_run(p: ResCLIPParams, hw: tuple[int, int], queries: int) -> RunShape:
-    """One image of network input size ``hw`` as the runtime cuts it (pipeline.prepare)."""
+def query_range(manifest: Manifest) -> tuple[int, int, int]:
+    """(min, opt, max) queries of the bundle's graphs. Its own text bank is a graph constant:
+    the query count cannot change. A text bank as an input (a --text-encoder bundle) takes a
+    vocabulary of any size, each run one; the stage graphs are built per vocabulary."""
+    queries = len(manifest.vocabulary.queries)
+    return (1, queries, max(4 * queries, 256)) if manifest.text_input else (queries,) * 3
+
+
+def _image_run(p: ResCLIPParams, hw: tuple[int, int], queries: int, tile: int) -> RunShape:
+    """One image of network input size ``hw`` as the runtime cuts it (pipeline.prepare), its
+    output at that size (at most ``tile`` a side)."""
     boxes = geometry.window_boxes(hw[0], hw[1], p.mode, p.crop, p.stride)
     y1, y2, x1, x2 = (int(v) for v in boxes[0])
     grid = (len(np.unique(boxes[:, 0])), len(np.unique(boxes[:, 2])))
-    return RunShape(1, grid, (y2 - y1, x2 - x1), (min(hw[0], OUTPUT_TILE),
-                                                  min(hw[1], OUTPUT_TILE)), queries)
+    return RunShape(1, grid, (y2 - y1, x2 - x1), (min(hw[0], tile), min(hw[1], tile)), queries)
+
+
+def _tile_side(frames: int, queries: int) -> int:
+    """The output side (a multiple of 64, at most OUTPUT_TILE_MAX) whose (frames, queries, side,
+    side) float32 tensor stays within OUTPUT_RUN_BYTES."""
+    side = math.isqrt(OUTPUT_RUN_BYTES // (4 * frames * queries)) // 64 * 64
+    return min(OUTPUT_TILE_MAX, max(64, side))
+
+
+def output_tile(manifest: Manifest, queries: Optional[int] = None) -> int:
+    """The most output rows and columns one output-graph run covers under TensorRT (its
+    profile ends there): the runtime makes larger outputs tile by tile (rows and columns of the
+    merge are separable: rows[r0:r1] and cols[c0:c1] give that block of the output)."""
+    return run_levels(manifest, queries=queries)[2].out[0]
 
 
 def input_shape(name: str, run: RunShape, model: ModelFacts) -> Shape:
@@ -190,31 +218,35 @@ def input_shape(name: str, run: RunShape, model: ModelFacts) -> Shape:
     return shapes[name]
 
 
-def profile_shapes(manifest: Manifest, inputs: tuple[str, ...],
-                   orientation: str = "landscape") -> dict[str, tuple[Shape, Shape, Shape]]:
+def profile_shapes(manifest: Manifest, inputs: tuple[str, ...], orientation: str = "landscape",
+                   queries: Optional[int] = None) -> dict[str, tuple[Shape, Shape, Shape]]:
     """(min, opt, max) shape of each dynamic input of a graph (the bundle's, a stage graph, the
     fused chain), all taken from the same three runs (:func:`run_levels`): the inputs of one
-    graph agree at every level, as TensorRT checks when it builds the engine."""
-    levels = run_levels(manifest, orientation)
+    graph agree at every level, as TensorRT checks when it builds the engine. ``queries``: for
+    a graph built for one vocabulary (the stage graphs, the fused chain), its query count."""
+    levels = run_levels(manifest, orientation, queries)
     return {name: (input_shape(name, levels[0], manifest.model),
                    input_shape(name, levels[1], manifest.model),
                    input_shape(name, levels[2], manifest.model))
             for name in inputs if name not in SCALAR_INPUTS}
 
 
-def orientations(manifest: Manifest, inputs: tuple[str, ...]) -> tuple[str, ...]:
+def orientations(manifest: Manifest, inputs: tuple[str, ...],
+                 queries: Optional[int] = None) -> tuple[str, ...]:
     """The orientations that need a session of their own for a graph with these inputs: only
     'landscape' where both give one profile (slide-mode windows are crop x crop either way; its
     output graph and every whole-image graph differ)."""
-    same = profile_shapes(manifest, inputs, "landscape") == \
-        profile_shapes(manifest, inputs, "portrait")
+    same = profile_shapes(manifest, inputs, "landscape", queries) == \
+        profile_shapes(manifest, inputs, "portrait", queries)
     return ORIENTATIONS[:1] if same else ORIENTATIONS
 
 
-def orientation_of(input_hw: tuple[int, int]) -> str:
-    """The orientation whose profiles hold a run of images of network input size ``input_hw``
-    (a square image fits both)."""
-    return "landscape" if input_hw[0] <= input_hw[1] else "portrait"
+def fits(profiles: dict[str, tuple[Shape, Shape, Shape]], shapes: dict[str, Shape]) -> bool:
+    """Whether a run with these input shapes lies within ``profiles`` (min <= size <= max on
+    every axis): of a graph's sessions per orientation, the one to run it on."""
+    return all(all(low <= size <= high for size, low, high in
+                   zip(shape, profiles[name][0], profiles[name][2]))
+               for name, shape in shapes.items() if name in profiles)
 
 
 def max_windows_per_run(manifest: Manifest) -> int:
@@ -242,13 +274,65 @@ def default_cache_dir(kind: str = "tensorrt") -> str:
 
 
 def gpu_options(manifest: Manifest, inputs: tuple[str, ...], graph_sha256: str,
-                cache_dir: Optional[str] = None) -> GpuOptions:
+                cache_dir: Optional[str] = None, orientation: str = "landscape",
+                queries: Optional[int] = None) -> GpuOptions:
     """One graph's GPU settings; its engines are cached under a folder named by the graph's
     checksum and the engine options (:func:`engine_folder`), so two bundles never share (or
-    overwrite) an engine."""
+    overwrite) an engine. ``orientation``, ``queries``: as :func:`profile_shapes`."""
     return GpuOptions(fp16=manifest.precision == "fp16",
                       cache_dir=cache_dir or default_cache_dir(), graph=graph_sha256,
-                      profiles=profile_shapes(manifest, inputs))
+                      profiles=profile_shapes(manifest, inputs, orientation, queries))
+
+
+class ProfiledSessions:
+    """A graph under TensorRT whose landscape and portrait runs need profiles of their own: one
+    session each (ONNX Runtime runs profile 0 only, see ORIENTATIONS). The landscape session is
+    made at once and answers everything but runs; the portrait one when a run first needs it
+    (an engine build on a machine without its cached engine)."""
+
+    def __init__(self, landscape: Any, make_portrait: Callable[[], Any],
+                 profiles: dict[str, dict[str, tuple[Shape, Shape, Shape]]]):
+        self.primary = landscape
+        self._sessions = {"landscape": landscape}
+        self._make_portrait = make_portrait
+        self._profiles = profiles
+        self._lock = threading.Lock()
+
+    def for_shapes(self, shapes: dict[str, Shape]) -> Any:
+        """The session whose profile holds a run with these input shapes (landscape when none
+        does: TensorRT's own error then says why)."""
+        if fits(self._profiles["landscape"], shapes) or \
+                not fits(self._profiles["portrait"], shapes):
+            return self.primary
+        with self._lock:
+            if "portrait" not in self._sessions:
+                self._sessions["portrait"] = self._make_portrait()
+            return self._sessions["portrait"]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.primary, name)
+
+
+def graph_session(path: str | bytes, device: str, threads: Optional[int], manifest: Manifest,
+                  inputs: tuple[str, ...], graph_sha256: str, cache_dir: Optional[str] = None,
+                  queries: Optional[int] = None, fp16: Optional[bool] = None,
+                  profile_prefix: Optional[str] = None, arena: bool = False,
+                  fallback: bool = False) -> Any:
+    """A session of one graph of ``manifest``'s bundle (its own, a stage graph, the fused chain)
+    with its GPU options (``fp16``: over the bundle's precision); a :class:`ProfiledSessions`
+    where TensorRT bound and the graph's runs need a profile per orientation."""
+    def make(orientation: str, dev: str) -> Any:
+        gpu = gpu_options(manifest, inputs, graph_sha256, cache_dir, orientation, queries)
+        gpu = gpu if fp16 is None else replace(gpu, fp16=fp16)
+        return create_session(path, dev, threads, gpu, profile_prefix, arena, fallback)
+
+    session = make("landscape", device)
+    if isinstance(session, OpenVINOSession) or session.get_providers()[0] != TRT or \
+            len(orientations(manifest, inputs, queries)) == 1:
+        return session
+    return ProfiledSessions(
+        session, lambda: make("portrait", "tensorrt"),
+        {o: profile_shapes(manifest, inputs, o, queries) for o in ORIENTATIONS})
 
 
 def check_device_for_precision(device: str, precision: str) -> str:
@@ -363,6 +447,7 @@ def _noted(session: ort.InferenceSession, gpu: GpuOptions) -> ort.InferenceSessi
 def providers_of(session: "ort.InferenceSession | OpenVINOSession") -> list[str]:
     """The providers that bound, as reports name them: TensorRT's with its engine's precision
     (OpenVINO sessions describe themselves)."""
+    session = getattr(session, "primary", session)
     note = _PRECISION_NOTES.get(session)
     return [f"{p} ({note})" if p == TRT and note else p for p in session.get_providers()]
 
@@ -392,6 +477,10 @@ def preload_gpu_libraries() -> None:
     try:
         with contextlib.redirect_stdout(out):
             ort.preload_dlls()
+            # pip's TensorRT (tensorrt-cu1x-libs) loads its libnvinfer on import, where the
+            # TensorRT provider then finds it
+            if importlib.util.find_spec("tensorrt_libs") is not None:
+                importlib.import_module("tensorrt_libs")
     except Exception as e:  # a library it cannot load is reported when a session needs it
         out.write(str(e))
     if out.getvalue().strip():

@@ -34,10 +34,9 @@ from resclip_deploy.stages import GRAPH, NUMPY, choose
 from resclip_deploy.vocab import Vocabulary
 
 from .openvino import OpenVINOSession
-from .providers import (check_device_for_precision, create_session, device_of,
-                        full_precision, gpu_options, max_windows_per_run, memory_of,
-                        providers_of)
-from .providers import TRT
+from .providers import (TRT, ProfiledSessions, check_device_for_precision, create_session,
+                        device_of, full_precision, gpu_options, graph_session,
+                        max_windows_per_run, memory_of, providers_of)
 from .text import TextEncoder
 
 log = logging.getLogger("resclip_deploy")
@@ -151,12 +150,12 @@ class Segmenter:
         layout = graph_layout(manifest.params, manifest.text_input)
         for name in graphs:
             entry = manifest.graphs[name]
-            gpu = gpu_options(manifest, layout[name].inputs, manifest.files[entry.file].sha256,
-                              cache_dir)
             prefix = os.path.join(profile_dir, name) if profile_dir else None
             own = full_precision(device) if name in FULL_PRECISION_GRAPHS else device
-            sessions[name] = create_session(bundle.graph_file(name), own, threads, gpu, prefix,
-                                            fallback=fallback)
+            sessions[name] = graph_session(bundle.graph_file(name), own, threads, manifest,
+                                           layout[name].inputs,
+                                           manifest.files[entry.file].sha256, cache_dir,
+                                           profile_prefix=prefix, fallback=fallback)
             bundle.check_session(name, sessions[name])
             if device == "auto":
                 device = device_of(sessions[name])
@@ -217,6 +216,8 @@ class Segmenter:
         if self.text is not None:
             feeds = {**feeds, "text": self._text_value()}
         inputs = {arg.name: feeds[arg.name] for arg in session.get_inputs()}
+        if isinstance(session, ProfiledSessions):
+            session = session.for_shapes({n: _shape(v) for n, v in inputs.items()})
         for name, value in inputs.items():
             if name != "text" and not isinstance(value, ort.OrtValue) \
                     and not self._is_resident(value):
@@ -501,6 +502,11 @@ def pack_runs(windows: list[int], cap: int) -> list[list[int]]:
     return runs
 
 
+def _shape(value: Any) -> tuple[int, ...]:
+    """A feed's shape: numpy's attribute, an OrtValue's method."""
+    return tuple(value.shape() if isinstance(value, ort.OrtValue) else np.shape(value))
+
+
 class DeferredProbs(Segmentation):
     """A Segmentation whose probabilities are computed (on the GPU) and fetched when ``probs``
     is first read; until then only the labels have crossed to the host."""
@@ -563,15 +569,20 @@ def _stage_session(stage: str, manifest: Manifest, params: ResCLIPParams, vocab:
     # The stage graphs choose their own precision (fp16 PAMR for fp16 bundles, fp32
     # thresholds and argmaxes): no fp16 engine over them, but for the pre-pass of an fp16
     # bundle, whose fp16-typed loop TensorRT would otherwise run in fp32 (twice the traffic).
-    gpu = gpu_options(manifest, stage_graphs.input_names(model),
-                      hashlib.sha256(model).hexdigest(), cache_dir)
-    gpu = dataclasses.replace(gpu, fp16=gpu.fp16 and stage == "prepass")
+    fp16 = manifest.precision == "fp16" and stage == "prepass"
+    # Under TensorRT only the pre-pass is worth an engine (it fuses PAMR's loop); the small
+    # stage graphs run on the CUDA provider, which takes any shape: no profile limits the
+    # output's size or batch there.
+    if device == "tensorrt" and stage != "prepass":
+        device = "cuda"
     prefix = os.path.join(profile_dir, stage + ("_probs" if probs else "")) \
         if profile_dir else None
     # The pre-pass graph is ~470 ops over (K, Q, h, w) masks: without the CPU arena each one
     # faults in fresh pages (6 ADE20K windows on a CPU provider: 30 s -> 16 s).
-    return create_session(model, full_precision(device), threads, gpu, prefix,
-                          arena=stage == "prepass", fallback=fallback)
+    return graph_session(model, full_precision(device), threads, manifest,
+                         stage_graphs.input_names(model), hashlib.sha256(model).hexdigest(),
+                         cache_dir, len(vocab.queries), fp16, prefix, arena=stage == "prepass",
+                         fallback=fallback)
 
 
 def check_overrides(overrides: dict[str, Any]) -> None:

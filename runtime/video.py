@@ -5,7 +5,8 @@ prepare (resize, windows) -> encoder graph -> SFR on CPU -> head graph -> merge/
 caller's thread). ONNX Runtime, scipy and numpy release the GIL, so while the SFR step of one
 batch runs, the encoder already works on the next; the graphs take the windows of up to
 ``frames_per_batch`` frames in one run, and a batch stays one batch from the encoder to the
-head, so on a GPU its tokens and RCS map never come to the host. Without smoothing each
+head, so on a GPU its tokens and RCS map never come to the host (frames with more windows
+than one run takes, Segmenter.max_windows, go in several batches). Without smoothing each
 frame's result is the frame segmented as an image. On a 2-core CPU the stages compete for the
 same cores, so the overlap gains little there (BENCHMARKS.md); it pays where the graphs run on
 a GPU.
@@ -28,7 +29,7 @@ from resclip_deploy.errors import UserError
 from resclip_deploy.pipeline import Prepared
 from resclip_deploy.postprocess import Segmentation
 
-from .segmenter import Segmenter
+from .segmenter import Segmenter, pack_runs
 
 # FFmpeg prints its own lines for broken files; we report them in one line of ours. Read when
 # OpenCV first opens a video, so set at import (a user's own setting wins).
@@ -180,10 +181,13 @@ class VideoEngine:
                 queues[0].put(_Item(index, rgb, seg.prepare(rgb)))
             queues[0].put(_END)
 
-        def encoder(items: list[_Item]) -> list[_Batch]:
-            batch = _Batch(items, np.concatenate([i.prepared.windows for i in items]))
-            batch.enc = seg.encode(batch.windows)
-            return [batch]
+        def encoder(items: list[_Item]) -> Iterator[_Batch]:
+            # frames whose windows exceed one run's go on in several batches, whole frames each
+            for run in pack_runs([len(i.prepared.windows) for i in items], seg.max_windows):
+                batch = _Batch([items[j] for j in run],
+                               np.concatenate([items[j].prepared.windows for j in run]))
+                batch.enc = seg.encode(batch.windows)
+                yield batch
 
         def sfr(batches: list[_Batch]) -> list[_Batch]:
             for batch in batches:

@@ -118,8 +118,8 @@ def test_engine_folders_are_keyed_by_graph_and_options(tmp_path):
 
 def test_stage_graph_options_prepass_fp16_only_for_fp16_bundles(tiny_bundle, tmp_path,
                                                                 picky_gpu):
-    """The fp16 pre-pass loop gets the fp16 flag on fp16 bundles (TensorRT would run it in
-    fp32 without); the other stage graphs never do."""
+    """Under TensorRT the pre-pass gets an engine, fp16 for fp16 bundles (TensorRT would run
+    its fp16 loop in fp32 without the flag); the other stage graphs run on CUDA."""
     import dataclasses
 
     from resclip_deploy.bundle import read_bundle
@@ -132,9 +132,12 @@ def test_stage_graph_options_prepass_fp16_only_for_fp16_bundles(tiny_bundle, tmp
             picky_gpu.made = []
             segmenter._stage_session(stage, m, m.params, m.vocabulary, "tensorrt", None,
                                      str(tmp_path), None)
-            trt = dict(picky_gpu.made[0][1][0][1])
-            want = "1" if precision == "fp16" and stage == "prepass" else "0"
-            assert trt["trt_fp16_enable"] == want, (precision, stage)
+            first, options = picky_gpu.made[0][1][0]
+            if stage != "prepass":               # the small stage graphs run on CUDA
+                assert first == CUDA, stage
+                continue
+            assert first == TRT
+            assert options["trt_fp16_enable"] == ("1" if precision == "fp16" else "0")
 
 
 def test_tensorrt_precision_is_reported_with_the_providers(tiny_bundle, picky_gpu):
@@ -194,3 +197,51 @@ def test_on_a_gpu_only_labels_come_down_until_probs_are_read(tiny_bundle):
     np.testing.assert_array_equal(lazy.probs, eager.probs)
     assert seg.io.to_host - before == lazy.labels.size * 2 + eager.probs.nbytes
     assert seg.finish([prepared], logits, False)[0].probs is None
+
+
+def test_whole_mode_tensorrt_graphs_get_a_session_per_orientation(tiny_bundle, picky_gpu):
+    """ONNX Runtime's TensorRT provider runs profile 0 only: a whole-image graph gets a landscape
+    session at load and a portrait one, with the transposed profile, when a portrait run first
+    comes; a landscape run never makes it."""
+    import dataclasses
+
+    from resclip_deploy.bundle import read_bundle
+    manifest = read_bundle(str(tiny_bundle)).manifest
+    manifest = dataclasses.replace(manifest, params=manifest.params.replace(mode="whole"))
+    picky_gpu.refuse = ()
+    session = providers.graph_session(str(tiny_bundle / "encoder.onnx"), "tensorrt", None,
+                                      manifest, ("pixels",), "e" * 64)
+    assert isinstance(session, providers.ProfiledSessions)
+    assert len(picky_gpu.made) == 1
+    landscape = dict(picky_gpu.made[0][1][0][1])["trt_profile_max_shapes"]
+    assert session.for_shapes({"pixels": (1, 3, 224, 640)}) is session.primary
+    assert len(picky_gpu.made) == 1
+    portrait = session.for_shapes({"pixels": (1, 3, 640, 224)})
+    assert portrait is not session.primary and len(picky_gpu.made) == 2
+    assert session.for_shapes({"pixels": (2, 3, 480, 224)}) is portrait
+    h, w = (int(v) for v in landscape.split("x")[-2:])
+    assert dict(picky_gpu.made[1][1][0][1])["trt_profile_max_shapes"].endswith(f"{w}x{h}")
+    assert h < w
+    # slide mode: the windows are crop x crop either way, one session
+    slide = providers.graph_session(str(tiny_bundle / "encoder.onnx"), "tensorrt", None,
+                                    read_bundle(str(tiny_bundle)).manifest, ("pixels",), "e" * 64)
+    assert not isinstance(slide, providers.ProfiledSessions)
+
+
+def test_runs_go_to_the_session_whose_profile_holds_them(tiny_bundle):
+    from resclip_deploy.runtime.segmenter import Segmenter
+    seg = Segmenter.from_bundle(str(tiny_bundle), device="cpu")
+    made = []
+
+    def portrait():
+        made.append(1)
+        return seg.sessions["encoder"].primary
+    wide = {"pixels": ((1, 3, 32, 32), (1, 3, 64, 224), (8, 3, 64, 512))}
+    tall = {"pixels": ((1, 3, 32, 32), (1, 3, 224, 64), (8, 3, 512, 64))}
+    seg.sessions["encoder"] = providers.ProfiledSessions(seg.sessions["encoder"], portrait,
+                                                         {"landscape": wide, "portrait": tall})
+    rgb = np.random.default_rng(0).integers(0, 255, (100, 300, 3), dtype=np.uint8)
+    seg.segment(rgb, with_probs=False)                     # 224x224 windows: in neither
+    assert made == []
+    seg.run_graph("encoder", {"pixels": np.zeros((1, 3, 224, 64), np.float32)})
+    assert made == [1]

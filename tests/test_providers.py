@@ -8,6 +8,7 @@ import os
 import shutil
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
@@ -15,8 +16,9 @@ from resclip_deploy import geometry
 from resclip_deploy.bundle import read_bundle
 from resclip_deploy.errors import UserError
 from resclip_deploy.runtime import providers
-from resclip_deploy.runtime.providers import (CPU, CUDA, TRT, GpuOptions, profile_shapes,
-                                              provider_options)
+from resclip_deploy.runtime.providers import (CPU, CUDA, ORIENTATIONS, TRT, GpuOptions,
+                                              fits, max_windows_per_run, output_tile,
+                                              profile_options, profile_shapes, provider_options)
 
 
 def test_tensorrt_options():
@@ -45,28 +47,31 @@ def test_cuda_keeps_fp32_parity_and_does_not_search_per_shape():
 def test_slide_profiles_from_the_bundle_settings(tiny_bundle):
     m = read_bundle(str(tiny_bundle)).manifest          # patch 32, width 128, 2 heads, 3 queries
     shapes = profile_shapes(m, ("pixels", "tokens", "rcs", "window", "sfr_bias", "text"))
-    # 336x448 has 2x3 windows; the most per run: four 336x597 frames (2x5 each) = 40
-    assert shapes["pixels"] == ((1, 3, 32, 32), (6, 3, 224, 224), (40, 3, 224, 224))
-    assert shapes["tokens"] == ((1, 2, 128), (6, 50, 128), (40, 50, 128))
-    assert shapes["rcs"] == ((1, 2, 2, 2), (6, 2, 50, 50), (40, 2, 50, 50))
+    # 336x448 has 2x3 windows; the most per run: one 336x2048 image (2x18) = 36
+    assert shapes["pixels"] == ((1, 3, 32, 32), (6, 3, 224, 224), (36, 3, 224, 224))
+    assert shapes["tokens"] == ((1, 2, 128), (6, 50, 128), (36, 50, 128))
+    assert shapes["rcs"] == ((1, 2, 2, 2), (6, 2, 50, 50), (36, 2, 50, 50))
     assert shapes["window"] == ((2, 2), (50, 50), (50, 50))
+    # the text bank is an input (a --text-encoder bundle): any vocabulary size
     assert shapes["text"] == ((1, 64), (3, 64), (256, 64))
-
-
-def covered(shape, profile):
-    low, _, high = profile
-    return all(a <= s <= b for s, a, b in zip(shape, low, high))
+    assert profile_options(shapes)["trt_profile_opt_shapes"].startswith(
+        "pixels:6x3x224x224,tokens:6x50x128,")
+    assert profile_options({}) == {}
 
 
 @pytest.mark.parametrize("mode", ["slide", "whole"])
 def test_profiles_cover_every_image_shape(tiny_bundle, mode):
-    """Windows of images of any size and aspect ratio fall inside the profile, so TensorRT never
-    rebuilds an engine for a new image."""
+    """Runs of images of any size and aspect ratio fall inside the profiles of their orientation
+    (a whole-image graph has a session per orientation), so TensorRT never meets a shape its
+    engine was not built for: the image alone or with others of its size up to the most windows
+    a run takes, its output in tiles of at most output_tile a side."""
     m = read_bundle(str(tiny_bundle)).manifest
     m = m.replace(params=m.params.replace(mode=mode))
-    shapes = profile_shapes(m, ("pixels", "tokens", "rcs", "frames", "prepass_logits",
-                                "patch_labels", "connected", "rows", "cols", "prob_thd"))
-    assert "prob_thd" not in shapes                      # a scalar: nothing dynamic
+    names = ("pixels", "tokens", "rcs", "frames", "prepass_logits", "patch_labels", "connected",
+             "logits", "rows", "cols", "prob_thd")
+    profiles = {o: profile_shapes(m, names, o) for o in ORIENTATIONS}
+    assert "prob_thd" not in profiles["landscape"]       # a scalar: nothing dynamic
+    most, tile = max_windows_per_run(m), output_tile(m)
     q = len(m.vocabulary.queries)
     rng = np.random.default_rng(0)
     sizes = [(300, 451), (1080, 1920), (1920, 1080), (50, 4000), (4000, 50), (224, 224)] + [
@@ -78,19 +83,17 @@ def test_profiles_cover_every_image_shape(tiny_bundle, mode):
             continue                       # refused before any graph runs
         boxes = geometry.window_boxes(h, w, p.mode, p.crop, p.stride)
         y1, y2, x1, x2 = boxes[0]
-        t = 1 + ((y2 - y1) // m.model.patch) * ((x2 - x1) // m.model.patch)
-        assert covered((len(boxes), 3, y2 - y1, x2 - x1), shapes["pixels"]), (h0, w0)
-        assert covered((len(boxes), t, m.model.width), shapes["tokens"]), (h0, w0)
-        assert covered((len(boxes), m.model.heads, t, t), shapes["rcs"]), (h0, w0)
-        # the stage graphs' inputs (resclip_deploy.stage_graphs)
         gh, gw = (y2 - y1) // m.model.patch, (x2 - x1) // m.model.patch
+        n, t = gh * gw, 1 + gh * gw
         ny, nx = len(np.unique(boxes[:, 0])), len(np.unique(boxes[:, 2]))
-        assert covered((len(boxes), y2 - y1, x2 - x1, 3), shapes["frames"]), (h0, w0)
-        assert covered((len(boxes), q, gh * gw), shapes["prepass_logits"]), (h0, w0)
-        assert covered((len(boxes), gh, gw), shapes["patch_labels"]), (h0, w0)
-        assert covered((len(boxes), gh * gw, gh * gw), shapes["connected"]), (h0, w0)
-        assert covered((h0, ny, gh), shapes["rows"]), (h0, w0)
-        assert covered((w0, nx, gw), shapes["cols"]), (h0, w0)
+        assert len(boxes) <= most, (h0, w0)
+        for k in (len(boxes), most // len(boxes) * len(boxes)):
+            run = {"pixels": (k, 3, y2 - y1, x2 - x1), "tokens": (k, t, m.model.width),
+                   "rcs": (k, m.model.heads, t, t), "frames": (k, y2 - y1, x2 - x1, 3),
+                   "prepass_logits": (k, q, n), "patch_labels": (k, gh, gw),
+                   "connected": (k, n, n), "logits": (k, q, n),
+                   "rows": (min(h0, tile), ny, gh), "cols": (min(w0, tile), nx, gw)}
+            assert any(fits(profiles[o], run) for o in ORIENTATIONS), (h0, w0, k, run)
 
 
 REAL_SESSION = ort.InferenceSession
@@ -126,9 +129,14 @@ def test_tensorrt_sessions_get_cuda_behind_them_and_their_options(tiny_bundle, t
     assert sorted(seg.sessions) == ["encoder", "head", "normalise", "output", "output_probs",
                                     "prepass", "sfr_matrix"]
     for path, chain in FakeGpuSession.requested:
+        if isinstance(path, bytes) and onnx.load_from_string(path).graph.name != "prepass":
+            # the small stage graphs run on CUDA, which takes any shape (no profile limits)
+            assert [p for p, _ in chain] == [CUDA, CPU]
+            assert dict(chain[0][1])["use_tf32"] == "0"
+            continue
         assert [p for p, _ in chain] == [TRT, CUDA, CPU]
         trt, cuda = dict(chain[0][1]), dict(chain[1][1])
-        if isinstance(path, bytes):                  # a stage graph, built at load
+        if isinstance(path, bytes):                  # the pre-pass graph, built at load
             graph = hashlib.sha256(path).hexdigest()
             assert trt["trt_fp16_enable"] == "0"     # stage graphs choose their precision
             assert trt["trt_profile_max_shapes"]     # every dynamic input has a profile
@@ -136,7 +144,8 @@ def test_tensorrt_sessions_get_cuda_behind_them_and_their_options(tiny_bundle, t
             name = next(g for g, e in manifest.graphs.items() if path.endswith(e.file))
             graph = manifest.files[manifest.graphs[name].file].sha256
             first = "pixels" if name == "encoder" else "tokens"
-            assert trt["trt_profile_max_shapes"].startswith(f"{first}:40x")
+            assert trt["trt_profile_max_shapes"].startswith(
+                f"{first}:{max_windows_per_run(manifest)}x")
         engine = {k: v for k, v in trt.items() if "cache" not in k}
         folder = providers.engine_folder(str(tmp_path), graph, engine)
         assert trt["trt_engine_cache_path"] == folder and os.path.isdir(folder)
