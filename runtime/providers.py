@@ -426,8 +426,11 @@ def create_session(path: str | bytes, device: str, threads: Optional[int],
                     return _noted(session, gpu)
                 refusals.append((chain[0], said or "no reason given"))
         if refusals:
-            log.warning("no GPU in use: %s; running on CPU", "; ".join(
-                f"{name} did not start ({why})" for name, why in refusals))
+            # said once per process, in short: onnxruntime-gpu is the default install on
+            # Linux x86_64, so every CPU-only machine comes here (log level DEBUG: in full)
+            said = "; ".join(f"{name} did not start ({_short(why)})" for name, why in refusals)
+            _warn_once(f"no GPU in use: {said}; running on CPU", said)
+            log.debug("GPU providers refused: %s", refusals)
     return ort.InferenceSession(path, options, providers=[CPU])
 
 
@@ -565,6 +568,12 @@ def _reasons(log_text: str, limit: int = 600) -> str:
                                                     line, re.IGNORECASE):
             lines.append(line)
     return " | ".join(lines)[-limit:]
+
+
+def _short(reason: str) -> str:
+    """A refusal's cause: the loader's own error where a library did not load."""
+    found = re.search(r"with error: ([^|]+)", reason)
+    return (found.group(1) if found else reason).strip()[:200]
 
 
 def _graph_name(path: str | bytes) -> str:

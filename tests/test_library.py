@@ -75,8 +75,9 @@ def test_benchmark_reports_every_stage(tiny_bundle):
     # CPU plan: encoder, SFR matrix, head and output graphs (pre-pass and connectivity numpy)
     assert 0 < ours["host_s"] < ours["total_s"] and ours["graph_runs"] == 4
     # Patch 32: 7x7 grids (N = 49) per 224 window, 3 queries; the output's merge matrices are
-    # rows (120, 2, 7) and cols (160, 3, 7). The text bank went up with the first image only.
-    merge = (120 * 2 * 7 + 160 * 3 * 7) * 4
+    # rows (120, 2, 7) and cols (160, 3, 7). The text bank and cols (every row band takes it
+    # whole) went up with the first image of its size only.
+    merge = 120 * 2 * 7 * 4
     # up: 6 windows of 3x224x224 float32 pixels, patch labels and connectivity masks for the
     # SFR matrix graph, the merge matrices. down: the pre-pass logits and uint8 labels.
     # Tokens, RCS map, window, SFR bias and final logits stay between the graphs.
@@ -132,14 +133,17 @@ def test_the_floor_tower_has_the_bundles_size(tiny_bundle):
 
 def test_the_text_bank_goes_up_once(tiny_bundle):
     """A --text-encoder bundle's bank is a graph input: counted (uploaded) with the first
-    image only."""
+    image only, as the output's cols matrix is with the first image of its size."""
     seg = Segmenter.from_bundle(str(tiny_bundle), device="cpu")
     rgb = read_image(str(PHOTOS[0]))
     seg.segment(rgb, with_probs=False)
     first = seg.io.to_device
     seg.io = type(seg.io)()
     seg.segment(rgb, with_probs=False)
-    assert first - seg.io.to_device == seg.text.nbytes == 3 * 64 * 4
+    cols = seg._merge_cache[1]
+    assert cols.shape[0] == rgb.shape[1]
+    assert first - seg.io.to_device == seg.text.nbytes + cols.nbytes
+    assert seg.text.nbytes == 3 * 64 * 4
 
 
 @pytest.mark.parametrize("name", ["ade20k_chelsea", "voc20_astronaut"])
