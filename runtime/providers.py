@@ -33,8 +33,8 @@ import onnxruntime as ort
 
 from resclip_deploy import geometry
 from resclip_deploy.bundle import Manifest, ModelFacts
-from resclip_deploy.params import ResCLIPParams
 from resclip_deploy.errors import UserError
+from resclip_deploy.params import ResCLIPParams
 
 from .openvino import PRECISIONS as OPENVINO_PRECISIONS
 from .openvino import OpenVINOSession
@@ -113,8 +113,8 @@ SCALAR_INPUTS = ("temp_thd", "prob_thd")
 ORIENTATIONS = ("landscape", "portrait")
 # One (frames, queries, rows, columns) float32 tensor of the output graph at the profiles'
 # maximum. TensorRT sizes an engine's activations for that point, so the output side there
-# follows from it (output_tile: ADE20K 640 pixels, at most OUTPUT_TILE_MAX) and larger outputs
-# go in tiles of that side.
+# follows from it (output_tile: ADE20K 640 pixels, at most OUTPUT_TILE_MAX). Only the fused
+# chain meets that bound: the segmenter's output graphs run on CUDA, which takes any size.
 OUTPUT_RUN_BYTES = 256 << 20
 OUTPUT_TILE_MAX = 1024
 
@@ -194,9 +194,8 @@ def _tile_side(frames: int, queries: int) -> int:
 
 
 def output_tile(manifest: Manifest, queries: Optional[int] = None) -> int:
-    """The most output rows and columns one output-graph run covers under TensorRT (its
-    profile ends there): the runtime makes larger outputs tile by tile (rows and columns of the
-    merge are separable: rows[r0:r1] and cols[c0:c1] give that block of the output)."""
+    """The most output rows and columns one run of a graph with the output inside covers
+    under TensorRT (its profile ends there): the fused chain's bound there."""
     return run_levels(manifest, queries=queries)[2].out[0]
 
 

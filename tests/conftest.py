@@ -19,6 +19,18 @@ def load_case(case):
         return {k: d[k] for k in d.files}
 
 
+def segment_many_counting_runs(seg, images):
+    """seg.segment_many(images, with_probs=True) -> (results, windows per forward_windows run)."""
+    runs = []
+    original = seg.forward_windows
+    seg.forward_windows = lambda windows, times=None: (runs.append(len(windows)),
+                                                       original(windows, times))[1]
+    try:
+        return seg.segment_many(images, with_probs=True), runs
+    finally:
+        seg.forward_windows = original
+
+
 def case_image(case):
     return (PARITY / case["image"]).resolve()
 

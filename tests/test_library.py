@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import FIXTURES, case_by_name
+from conftest import FIXTURES, case_by_name, segment_many_counting_runs
 from resclip_deploy.errors import UserError
 from resclip_deploy.io import read_image
 from resclip_deploy.runtime.segmenter import Segmenter
@@ -153,12 +153,7 @@ def test_segment_many_equals_segment_per_image(bundle_for, name):
     seg = Segmenter.from_bundle(str(bundle_for(case_by_name(name))), device="cpu")
     photos = [read_image(str(p)) for p in PHOTOS]
     images = [photos[0], photos[1], cv2.resize(photos[0], (200, 150)), photos[1]]
-    runs = []
-    original = seg.forward_windows
-    seg.forward_windows = lambda windows, times=None: (runs.append(len(windows)),
-                                                       original(windows, times))[1]
-    many = seg.segment_many(images, with_probs=True)
-    seg.forward_windows = original
+    many, runs = segment_many_counting_runs(seg, images)
     for image, got in zip(images, many):
         want = seg.segment(image)
         np.testing.assert_array_equal(got.labels, want.labels)

@@ -11,6 +11,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from conftest import segment_many_counting_runs
 from resclip_deploy import stage_graphs
 from resclip_deploy.bundle import read_bundle
 from resclip_deploy.runtime.providers import (ORIENTATIONS, SCALAR_INPUTS, fits,
@@ -263,12 +264,7 @@ def test_segment_many_beyond_the_run_limit_equals_one_by_one(bundles):
     seg = Segmenter.from_bundle(str(bundles / "slide_fp32"), device="cpu")
     images = _images()
     seg.max_windows = 10                     # 8 + 8 + 6 + 4 windows: runs of 8, 8 and 6 + 4
-    runs = []
-    original = seg.forward_windows
-    seg.forward_windows = lambda windows, times=None: (runs.append(len(windows)),
-                                                       original(windows, times))[1]
-    many = seg.segment_many(images, with_probs=True)
-    seg.forward_windows = original
+    many, runs = segment_many_counting_runs(seg, images)
     assert runs == [8, 8, 10]
     for image, got in zip(images, many):
         want = seg.segment(image, with_probs=True)
