@@ -102,12 +102,15 @@ def test_engine_batches_frames_and_keeps_order(bundle):
                                           seg.segment(rgb, with_probs=False).labels)
 
 
-def test_engine_batches_keep_the_encoder_outputs_for_the_head(bundle):
+def test_engine_batches_keep_the_encoder_outputs_for_the_head(bundle, monkeypatch):
     """Batches of frames go from the encoder to the head whole: what crosses host <-> device
     (in the GPU configuration) per frame is what an image moves, never the tokens or the RCS
     map (the old engine fetched and re-sent them for every batch)."""
+    from resclip_deploy.runtime import segmenter
     from resclip_deploy.runtime.segmenter import Segmenter
     from resclip_deploy.runtime.video import VideoEngine
+    # one output run per batch, as a GPU's bands hold three such frames (the CPU's are smaller)
+    monkeypatch.setattr(segmenter, "CPU_OUTPUT_BAND_BYTES", segmenter.OUTPUT_BAND_BYTES)
     seg = Segmenter.from_bundle(str(bundle), device="cpu")
     rng = np.random.default_rng(1)
     frames = [(i, rng.integers(0, 256, (120, 170, 3), dtype=np.uint8)) for i in range(6)]
