@@ -7,17 +7,21 @@ by tests). A GPU provider runs every graph-capable stage as its graph, so tensor
 device between them; only connectivity (OpenCV / the line walk on a 14x14 grid) comes to the CPU.
 On the CPU provider each stage takes whichever was measured faster there (BENCHMARKS.md):
 PAMR is ~10x faster as a sparse product than as tensor-wide graph ops; the SFR matrix and the
-output are faster as graphs.
+output are faster as graphs. On a GPU the pre-pass prefers its CUDA kernels (:mod:`pamr_cuda`:
+one pass over the masks per PAMR step, where the graph makes ~111), and takes the graph where
+they cannot run (no numba-cuda, or no device numba can use).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import Collection, Mapping, Optional
 
 from .errors import UserError
 
-NUMPY, GRAPH, NETWORK = "numpy", "graph", "network"
+NUMPY, GRAPH, NETWORK, KERNEL = "numpy", "graph", "network", "kernel"
+# What the table takes instead of an implementation that cannot run here.
+FALLBACK = {KERNEL: GRAPH}
 
 
 @dataclass(frozen=True)
@@ -38,8 +42,8 @@ STAGES: tuple[Stage, ...] = (
           cpu=NETWORK, gpu=NETWORK, sfr_only=True),
     # upsample, PAMR, softmax, temp_thd, patch vote (docs/method.md §5)
     Stage("prepass", ("prepass_logits", "windows", "temp_thd"),
-          ("patch_labels", "prepass_argmax", "prepass_maxprob"), (NUMPY, GRAPH), cpu=NUMPY,
-          gpu=GRAPH, sfr_only=True),
+          ("patch_labels", "prepass_argmax", "prepass_maxprob"), (NUMPY, GRAPH, KERNEL),
+          cpu=NUMPY, gpu=KERNEL, sfr_only=True),
     # same-entity test (docs/method.md §6): on the CPU between the graphs, or as a graph
     Stage("connectivity", ("patch_labels",), ("connected",), (NUMPY, GRAPH), cpu=NUMPY,
           gpu=NUMPY, sfr_only=True),
@@ -56,18 +60,23 @@ BY_NAME = {s.name: s for s in STAGES}
 
 
 def choose(device_type: str, sfr: bool, requested: Optional[Mapping[str, str]] = None,
+           skip: Collection[str] = (), refused: Optional[Mapping[str, str]] = None,
            ) -> dict[str, str]:
     """Stage -> implementation for a device ('cpu' or a GPU) and a bundle (with or without SFR).
 
     ``requested`` overrides the table's choice per stage ("all" sets every stage that has a
     graph; all=gpu takes the GPU column on any device: how resclip-bench measures the GPU
     configuration's host work here); unknown stages or implementations are refused.
+    ``skip``: implementations the table must not choose here (it takes :data:`FALLBACK`'s);
+    ``refused``: implementation -> why a request for it cannot run here.
     """
     requested = dict(requested or {})
+    refused = refused or {}
     on_gpu = device_type != "cpu" or requested.get("all") == "gpu"
     if requested.get("all") == "gpu":
         del requested["all"]
     plan = {s.name: (s.gpu if on_gpu else s.cpu) for s in STAGES if _applies(s, sfr)}
+    plan = {name: FALLBACK[impl] if impl in skip else impl for name, impl in plan.items()}
     for name, impl in requested.items():
         names = [s for s in plan if GRAPH in BY_NAME[s].implementations] if name == "all" \
             else [name]
@@ -78,6 +87,8 @@ def choose(device_type: str, sfr: bool, requested: Optional[Mapping[str, str]] =
             choices = BY_NAME[stage].implementations
             if impl not in choices:
                 raise UserError(f"stage {stage}={impl!r}: choose {' or '.join(choices)}")
+            if impl in refused:
+                raise UserError(f"stage {stage}={impl}: {refused[impl]}")
             plan[stage] = impl
     return plan
 

@@ -30,9 +30,10 @@ from resclip_deploy.pipeline import Prepared, SFRStep, Timings, finish, prepare,
 from resclip_deploy.params import ResCLIPParams
 from resclip_deploy.postprocess import Segmentation
 from resclip_deploy.sfr import connectivity_mask, masked_sfr_matrix, sfr_bias
-from resclip_deploy.stages import GRAPH, NUMPY, choose
+from resclip_deploy.stages import GRAPH, KERNEL, NUMPY, choose
 from resclip_deploy.vocab import Vocabulary
 
+from .cuda_prepass import KernelPrepass, stage_rules
 from .openvino import OpenVINOSession
 from .providers import (TRT, ProfiledSessions, check_device_for_precision, create_session,
                         device_of, full_precision, gpu_options, graph_session,
@@ -43,7 +44,8 @@ log = logging.getLogger("resclip_deploy")
 
 @dataclass
 class IOStats:
-    """What the graph runs cost outside compute: seconds inside ONNX Runtime, and the bytes that
+    """What the graph runs cost outside compute: seconds inside ONNX Runtime (and the pre-pass
+    kernels), and the bytes that
     cross between host and device in the GPU configuration (on a CPU session, what would cross
     there: inputs and fetched outputs, not what a GPU keeps between graphs)."""
 
@@ -108,7 +110,11 @@ class Segmenter:
         self.device_type = memory_of(next(iter(sessions.values())))
         manifest = bundle.manifest
         self.params = manifest.params.replace(**overrides)
-        self.plan = plan or choose(self.device_type, self.params.sfr)
+        self.plan = plan or choose(self.device_type, self.params.sfr, None,
+                                   *stage_rules(self.device_type))
+        self._kernel = (KernelPrepass(self.params.logit_scale, manifest.model.patch,
+                                      manifest.precision == "fp16", self.device_type)
+                        if self.plan.get("prepass") == KERNEL else None)
         self.vocab = vocab or manifest.vocabulary
         self.patch = manifest.model.patch
         self.norm = manifest.preprocess.norm
@@ -168,7 +174,8 @@ class Segmenter:
                     device = "tensorrt"      # TensorRT refused the first graph: try the others
         params = manifest.params.replace(**overrides)
         vocab = classes or manifest.vocabulary
-        plan = choose(memory_of(sessions[graphs[0]]), params.sfr, stages)
+        memory = memory_of(sessions[graphs[0]])
+        plan = choose(memory, params.sfr, stages, *stage_rules(memory, stages))
         sessions.update(_stage_sessions(manifest, params, vocab, plan, device, threads, cache_dir,
                                         profile_dir, fallback))
         for name, session in sessions.items():
@@ -206,8 +213,12 @@ class Segmenter:
 
     @property
     def providers(self) -> dict[str, list[str]]:
-        """Graph -> the providers that bound, TensorRT's with its precision."""
-        return {name: providers_of(s) for name, s in self.sessions.items()}
+        """Graph -> the providers that bound, TensorRT's with its precision; the pre-pass's
+        kernels under 'prepass' when they run it."""
+        out = {name: providers_of(s) for name, s in self.sessions.items()}
+        if self._kernel is not None:
+            out["prepass"] = [self._kernel.provider]
+        return out
 
     def run_graph(self, graph: str, feeds: dict[str, Any],
                   keep_on_device: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -321,7 +332,7 @@ class Segmenter:
             keep = ("logits",) if self.plan["output"] == GRAPH else ()
             enc = self.run_graph("segmenter", {"pixels": windows}, keep_on_device=keep)
         else:
-            keep = DEVICE_RESIDENT + (("prepass_logits",) if self.plan["prepass"] == GRAPH
+            keep = DEVICE_RESIDENT + (("prepass_logits",) if self.plan["prepass"] != NUMPY
                                       else ())
             enc = self.run_graph("encoder", {"pixels": windows}, keep_on_device=keep)
         enc["windows"] = windows
@@ -342,6 +353,14 @@ class Segmenter:
         if self.plan["prepass"] == NUMPY:
             return prepass_step(self.host(enc["prepass_logits"]), self.host(enc["windows"]), p,
                                 self.patch, workers)
+        if self._kernel is not None:
+            windows = enc["windows"]
+            if self.device_type != "cpu" and not isinstance(windows, ort.OrtValue):
+                windows = self._upload_once(windows)
+            start = time.perf_counter()
+            argmax, maxprob, grids = self._kernel(enc["prepass_logits"], windows, p.temp_thd)
+            self._count(graph_s=time.perf_counter() - start, runs=1)
+            return argmax, maxprob, grids
         on_device = self.plan["connectivity"] == GRAPH and self.plan["sfr_matrix"] == GRAPH
         out = self.run_graph(
             "prepass", {"prepass_logits": enc["prepass_logits"], "windows": enc["windows"],

@@ -1,5 +1,10 @@
 import json
+import os
 from pathlib import Path
+
+# No GPU here: numba's CUDA target runs in its simulator (tests/test_pamr_cuda.py). Read when
+# numba is first imported, so before anything imports it.
+os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 
 import numpy as np
 import pytest
