@@ -132,7 +132,7 @@ def tiny_bundle(tiny_files, tmp_path_factory):
 
 # Tests that need an exported bundle are slow (an export takes 10-40 s here): marked by the
 # fixtures they use, so a new test is classed without anyone remembering to.
-BUNDLE_FIXTURES = {"bundle_for", "tiny_bundle"}
+BUNDLE_FIXTURES = {"bundle_for", "tiny_bundle", "patch8_bundle"}
 
 
 def pytest_collection_modifyitems(items):

@@ -289,3 +289,62 @@ def test_kernels_compile_for_a_gpu_without_fused_multiply_adds():
     for m in ("float32", "float16"):
         fmas, muls = counts[m, "iterate"]
         assert fmas == 0 and muls >= 16
+
+
+TINY8 = "resclip-test-tiny-patch8"
+
+
+@pytest.fixture(scope="module")
+def patch8_bundle(tmp_path_factory):
+    """A tiny random ViT with 8-pixel patches, exported with 32-pixel windows: small enough for
+    the simulator to run the whole pre-pass inside a Segmenter."""
+    import json
+
+    import open_clip
+    import torch
+    from resclip_deploy.export.bundle_export import export_bundle
+    from resclip_deploy.export.clip_loader import load_clip
+    from resclip_deploy.params import CUSTOM
+    from resclip_deploy.vocab import parse_class_list
+    folder = tmp_path_factory.mktemp("tiny8")
+    (folder / f"{TINY8}.json").write_text(json.dumps({
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 1,
+                     "layers": 1}}))
+    open_clip.add_model_config(folder)
+    torch.manual_seed(0)
+    torch.save(open_clip.create_model(TINY8, pretrained=None).state_dict(), folder / "m.pt")
+    out = folder / "bundle"
+    export_bundle(load_clip(TINY8, str(folder / "m.pt")), parse_class_list("cat|kitten,sofa"),
+                  CUSTOM.replace(crop=32, stride=16, short_side=32), str(out))
+    return out
+
+
+def test_segmenter_runs_the_kernels_on_onnx_runtime_tensors(patch8_bundle):
+    """prepass=kernel in a Segmenter (simulator, CPU tensors): the kernels read the encoder's
+    outputs and write OrtValues that ONNX Runtime allocated, which the next graph binds; the
+    pre-pass equals the CPU's (argmax, patch labels; probability within 2e-6), and so do the
+    labels and probabilities of the image."""
+    from resclip_deploy.runtime.segmenter import Segmenter
+    rgb = np.random.default_rng(0).integers(0, 255, (32, 40, 3), dtype=np.uint8)
+    cpu = Segmenter.from_bundle(str(patch8_bundle), device="cpu")
+    seg = Segmenter.from_bundle(str(patch8_bundle), device="cpu", stages={"prepass": "kernel"})
+    assert cpu.plan["prepass"] == "numpy" and seg.plan["prepass"] == "kernel"
+    assert "prepass" not in seg.sessions
+    assert seg.providers["prepass"] == ["kernel: numba-cuda on numba's CUDA simulator"]
+    seen = []
+    kernel = seg._kernel
+    seg._kernel = lambda *args: seen.append(kernel(*args)) or seen[-1]
+    b = seg.segment(rgb, with_probs=True)
+    got, = seen
+    assert all(isinstance(v, ort.OrtValue) for v in got)
+    prepared = cpu.prepare(rgb)
+    assert len(prepared.windows) == 2
+    want = cpu.prepass(cpu.encode(prepared.windows))
+    np.testing.assert_array_equal(got[0].numpy(), want[0])
+    np.testing.assert_allclose(got[1].numpy(), want[1], rtol=2e-6, atol=0)
+    np.testing.assert_array_equal(got[2].numpy(), want[2])
+    a = cpu.segment(rgb, with_probs=True)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    np.testing.assert_array_equal(a.probs, b.probs)

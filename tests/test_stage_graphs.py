@@ -323,7 +323,7 @@ def test_stage_table_declares_every_graph_io():
 
 
 def test_stage_choices_per_device():
-    cpu, gpu = stages.choose("cpu", True), stages.choose("cuda", True)
+    cpu, gpu = stages.choose("cpu", True), stages.choose("cuda", True, skip=("kernel",))
     assert cpu["prepass"] == "numpy" and gpu["prepass"] == "graph"
     assert cpu["connectivity"] == gpu["connectivity"] == "numpy"
     assert all(gpu[s] == "graph" for s in ("normalise", "sfr_matrix", "output"))
@@ -334,7 +334,7 @@ def test_stage_choices_per_device():
     assert stages.choose("cpu", True, {"output": "numpy"})["output"] == "numpy"
     with pytest.raises(UserError, match="not a stage of this bundle"):
         stages.choose("cpu", False, {"prepass": "graph"})
-    with pytest.raises(UserError, match="choose numpy or graph"):
+    with pytest.raises(UserError, match="choose numpy or graph or kernel"):
         stages.choose("cpu", True, {"prepass": "cuda"})
     with pytest.raises(UserError, match="choose network"):
         stages.choose("cpu", True, {"encoder": "numpy"})
@@ -409,6 +409,42 @@ def test_fused_graph_refuses_a_text_input_bundle(tiny_bundle, tmp_path, capsys):
     assert fused.main([str(tiny_bundle), str(out)]) == 2
     assert "takes its text bank as an input" in capsys.readouterr().err
     assert not out.exists() and not (tmp_path / "f.onnx.partial").exists()
+
+
+def test_prepass_prefers_the_cuda_kernels_on_a_gpu_and_falls_back_to_the_graph():
+    """The GPU column's pre-pass is the kernel where it can run, else the graph; a request for
+    the kernel where it cannot run is refused with the reason; prepass=graph forces the graph."""
+    assert stages.choose("cuda", True)["prepass"] == "kernel"
+    assert stages.choose("cpu", True, {"all": "gpu"})["prepass"] == "kernel"
+    assert stages.choose("cuda", True, skip=("kernel",))["prepass"] == "graph"
+    assert stages.choose("cuda", True, {"prepass": "graph"})["prepass"] == "graph"
+    assert stages.choose("cpu", True, {"prepass": "kernel"})["prepass"] == "kernel"
+    with pytest.raises(UserError, match=r"^stage prepass=kernel: numba-cuda is missing$"):
+        stages.choose("cuda", True, {"prepass": "kernel"}, skip=("kernel",),
+                      refused={"kernel": "numba-cuda is missing"})
+
+
+def test_the_runtime_chooses_the_kernel_only_where_numba_has_a_cuda_device(monkeypatch):
+    """stage_rules: graphs on the CPU never import numba for it (unless asked); numba's
+    simulator runs it on request only; without numba-cuda, or without a device numba can use,
+    the table takes the graph and a request says what to install or why."""
+    from resclip_deploy.runtime import cuda_prepass
+    assert cuda_prepass.stage_rules("cpu") == (("kernel",), {})
+    assert cuda_prepass.stage_rules("cpu", {"prepass": "kernel"}) == (("kernel",), {})  # sim
+    assert cuda_prepass.stage_rules("cuda") == (("kernel",), {})
+    monkeypatch.setattr(cuda_prepass, "simulated", lambda: False)
+    skip, refused = cuda_prepass.stage_rules("cpu", {"prepass": "kernel"})
+    assert skip == ("kernel",) and "these graphs run on the CPU" in refused["kernel"]
+    from numba import cuda
+    monkeypatch.setattr(cuda, "is_available", lambda: False)
+    skip, refused = cuda_prepass.stage_rules("cuda")
+    assert skip == ("kernel",) and "numba finds no CUDA device" in refused["kernel"]
+    monkeypatch.setattr(cuda, "is_available", lambda: True)
+    assert cuda_prepass.stage_rules("cuda") == ((), {})
+    monkeypatch.setattr(cuda_prepass, "_numba_cuda",
+                        lambda: (None, "numba-cuda is not installed; pip install x"))
+    skip, refused = cuda_prepass.stage_rules("cuda", {"prepass": "kernel"})
+    assert skip == ("kernel",) and "pip install" in refused["kernel"]
 
 
 def test_stages_option_errors_are_one_line(tmp_path):
