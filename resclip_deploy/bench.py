@@ -20,11 +20,13 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import click
 import cv2
 import numpy as np
+import onnx
 
-from . import geometry
+from . import geometry, pamr_cuda, stage_graphs
 from .cli import _setup_logging, run_command, user_errors
 from .errors import UserError
 from .io import read_image, write_json
+from .params import PAMR_ITERATIONS
 from .pipeline import prepare
 from .stages import parse_stages
 
@@ -164,29 +166,99 @@ def floor_tower(segmenter: Any, bundle: str, rgb: np.ndarray, device: str,
 
 # HBM bandwidth of an H200-class GPU: graph traffic / this = the time it implies, unfused.
 GPU_BYTES_PER_S = 4e12
+# What the pre-pass's bytes are read against: about what an H100 SXM (3.35 TB/s peak) and an
+# H200 (4.8 TB/s peak) stream in practice.
+PREPASS_BANDWIDTHS = (3e12, 4.3e12)
+
+
+# Element sizes of the types ONNX Runtime's profile names.
+PROFILE_ITEMSIZE = {"float": 4, "float16": 2, "double": 8, "int64": 8, "int32": 4, "uint8": 1,
+                    "int8": 1, "bool": 1}
+
+
+def declared_itemsizes(model: onnx.ModelProto) -> dict[str, list[list[int]]]:
+    """Node name -> the element sizes of its [inputs, outputs] as the graph declares them (ONNX
+    type inference): what a provider that runs every node in its own type reads and writes."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    g = inferred.graph
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in (*g.input, *g.value_info, *g.output)}
+    types.update({t.name: t.data_type for t in g.initializer})
+
+    def size(name: str) -> int:
+        return onnx.helper.tensor_dtype_to_np_dtype(types[name]).itemsize if name in types else 0
+    return {n.name: [[size(i) for i in n.input], [size(o) for o in n.output]]
+            for n in g.node if n.name}
+
+
+def node_bytes(event: dict[str, Any], declared: Optional[dict[str, list[list[int]]]] = None,
+               ) -> tuple[int, int]:
+    """(bytes read, bytes written) of one node in ONNX Runtime's profile: its inputs (a Slice
+    reads only the part it copies) and its outputs, sized as ``declared`` (when the node is
+    there) says: ONNX Runtime's CPU provider runs an fp16 graph's arithmetic in fp32 behind
+    casts it inserts, which a GPU provider does not."""
+    args = event["args"]
+    sizes = (declared or {}).get(event["name"].removesuffix("_kernel_time"))
+
+    def total(listed: list[dict[str, list[int]]], own: Optional[list[int]]) -> int:
+        out = 0
+        for i, entry in enumerate(listed):
+            (dtype, shape), = entry.items()
+            item = own[i] if own and i < len(own) and own[i] else PROFILE_ITEMSIZE.get(dtype, 4)
+            out += item * int(np.prod(shape, dtype=np.int64))
+        return out
+    written = total(args.get("output_type_shape", []), sizes[1] if sizes else None)
+    if args.get("op_name") == "Slice":
+        return written, written
+    return total(args.get("input_type_shape", []), sizes[0] if sizes else None), written
 
 
 def graph_traffic(bundle_dir: str, rgb: np.ndarray, device: str,
                   threads: Optional[int]) -> dict[str, Any]:
     """Bytes written by the graphs' node outputs for one image in the GPU configuration (every
-    stage but connectivity a graph; ONNX Runtime's profile): the proxy for GPU memory traffic
-    without fusion, and the time it implies at 4 TB/s; the pre-pass graph (PAMR) apart."""
+    stage but connectivity a graph, the pre-pass too; ONNX Runtime's profile): the proxy for GPU
+    memory traffic without fusion, and the time it implies at 4 TB/s. The pre-pass apart: its
+    graph's bytes read and written against its CUDA kernels' (pamr_cuda.Plan.traffic, from
+    their access pattern), and the times both imply at :data:`PREPASS_BANDWIDTHS`."""
     from .runtime.segmenter import Segmenter
     with tempfile.TemporaryDirectory() as tmp:
         seg = Segmenter.from_bundle(bundle_dir, device=device, threads=threads, profile_dir=tmp,
-                                    stages=GPU_PLAN)
+                                    stages={**GPU_PLAN, "prepass": "graph"})
         seg.segment(rgb, with_probs=False)
-        per_graph = {}
+        per_graph, prepass = {}, (0, 0)
+        manifest = seg.bundle.manifest
+        declared = declared_itemsizes(stage_graphs.stage_model(
+            "prepass", seg.params, seg.patch, seg.vocab.query_to_class, manifest.preprocess.norm,
+            fp16=manifest.precision == "fp16"))
         for name, session in seg.sessions.items():
             with open(session.end_profiling(), encoding="utf-8") as f:
-                events = json.load(f)
-            per_graph[name] = sum(int(e["args"].get("output_size", 0)) for e in events
-                                  if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"))
+                events = [e for e in json.load(f) if e.get("cat") == "Node"
+                          and e["name"].endswith("_kernel_time")]
+            sizes = declared if name == "prepass" else None
+            per_graph[name] = sum(node_bytes(e, sizes)[1] for e in events)
+            if name == "prepass":
+                prepass = tuple(sum(b) for b in zip(*(node_bytes(e, sizes) for e in events)))
     total = sum(per_graph.values())
-    pamr = per_graph.get("prepass", 0)
+    prepared = seg.prepare(rgb)
+    plan = pamr_cuda.Plan(len(prepared.windows), len(seg.vocab.queries), prepared.window_hw,
+                          tuple(s // seg.patch for s in prepared.window_hw), PAMR_ITERATIONS,
+                          seg.patch, half=seg.bundle.manifest.precision == "fp16")
+    kernels = plan.traffic()
+    graph_bytes, kernel_bytes = sum(prepass), sum(kernels.values())
     return {"node_output_bytes": per_graph, "total_bytes": total,
             "implied_gpu_ms": 1e3 * total / GPU_BYTES_PER_S,
-            "pamr_bytes": pamr, "pamr_share": pamr / total if total else 0.0}
+            "pamr_bytes": per_graph.get("prepass", 0),
+            "pamr_share": per_graph.get("prepass", 0) / total if total else 0.0,
+            "prepass": {
+                "windows": plan.windows, "window_hw": list(plan.hw), "queries": plan.queries,
+                "mask_dtype": np.dtype(plan.dtype).name,
+                "graph_read_bytes": prepass[0], "graph_written_bytes": prepass[1],
+                "kernel_bytes": kernels,
+                "graph_ms": {f"{b / 1e12:g} TB/s": 1e3 * graph_bytes / b
+                             for b in PREPASS_BANDWIDTHS},
+                "kernel_ms": {f"{b / 1e12:g} TB/s": 1e3 * kernel_bytes / b
+                              for b in PREPASS_BANDWIDTHS},
+                "ratio": graph_bytes / kernel_bytes}}
 
 
 def synthetic_video(rgb: np.ndarray, frames: int) -> Iterator[np.ndarray]:
@@ -408,6 +480,7 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"graph node outputs per image: {t['total_bytes'] / 1e6:.0f} MB ({per}); "
                      f"{t['implied_gpu_ms']:.2f} ms at 4 TB/s unfused; PAMR (pre-pass graph): "
                      f"{t['pamr_bytes'] / 1e6:.0f} MB, {100 * t['pamr_share']:.0f} %")
+        lines.append(prepass_traffic_line(t["prepass"]))
     v = report.get("video")
     if v:
         lines.append(f"video, {v['frames']} frames: frame by frame {v['sequential_fps']:.2f} "
@@ -418,6 +491,20 @@ def format_report(report: dict[str, Any]) -> str:
         from .serve_bench import format_serve
         lines += format_serve(report["serve"])
     return "\n".join(lines)
+
+
+def prepass_traffic_line(p: dict[str, Any]) -> str:
+    """The pre-pass's bytes per image, graph against kernels, and the times they imply."""
+    graph = p["graph_read_bytes"] + p["graph_written_bytes"]
+    kernels = sum(p["kernel_bytes"].values())
+
+    def times(ms: dict[str, float]) -> str:
+        return ", ".join(f"{v:.2f} ms at {k}" for k, v in ms.items())
+    return (f"pre-pass per image ({p['windows']} x {p['window_hw'][0]}x{p['window_hw'][1]} "
+            f"windows, {p['queries']} queries, {p['mask_dtype']} masks): graph "
+            f"{graph / 1e9:.2f} GB (read {p['graph_read_bytes'] / 1e9:.2f}, written "
+            f"{p['graph_written_bytes'] / 1e9:.2f}): {times(p['graph_ms'])}; CUDA kernels "
+            f"{kernels / 1e9:.2f} GB: {times(p['kernel_ms'])}; {p['ratio']:.0f}x fewer bytes")
 
 
 @click.command("resclip-bench", context_settings={"help_option_names": ["-h", "--help"]})

@@ -34,10 +34,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from numba import config, cuda, int32, int64
-from numba.cuda import libdevice
+from numba import config, int32, int64
 
 from .pamr import _WITH_CENTRE, OFFSETS
+
+try:
+    # numba-cuda (the [gpu] extra). A module global: numba's simulator swaps the kernels'
+    # global ``cuda`` for its own while they run.
+    from numba import cuda
+except ImportError:            # the traffic model (Plan) needs none of it
+    cuda = None
 
 # Threads per block of the pixel kernels: 4 warps.
 THREADS = 128
@@ -46,25 +52,6 @@ THREADS = 128
 TARGET_THREADS = 1 << 18
 # The vote runs one block per patch, a thread per pixel: at most 1024 threads, patch ≤ 32.
 MAX_PATCH = 32
-
-if config.ENABLE_CUDASIM:
-    # numba's simulator runs the kernels as Python on numpy scalars, where a * b and a + b are
-    # already rounded one at a time (libdevice's functions are stubs there).
-    def _mul(a, b):
-        return a * b
-
-    def _add(a, b):
-        return a + b
-
-    def _exp(x):
-        return np.exp(x)
-
-    def _sqrt(x):
-        return np.sqrt(x)
-else:
-    _mul, _add = libdevice.fmul_rn, libdevice.fadd_rn
-    _exp, _sqrt = math.exp, math.sqrt
-
 
 def bilinear_tables(src: int, dst: int) -> tuple[np.ndarray, np.ndarray]:
     """Half-pixel bilinear from ``src`` cells to ``dst`` pixels along one axis, as OpenCV's
@@ -141,6 +128,20 @@ class Plan:
 def kernels(dilations: tuple[int, ...], patch: int) -> Any:
     """The four kernels for PAMR's ``dilations`` (neighbour offsets in :data:`pamr.OFFSETS`
     order, compile-time constants) and a ``patch``-pixel vote."""
+    from numba.cuda import libdevice
+    if config.ENABLE_CUDASIM:
+        # numba's simulator runs the kernels as Python on numpy scalars, where a * b and a + b
+        # are already rounded one at a time (libdevice's functions are stubs there).
+        def _mul(a, b):
+            return a * b
+
+        def _add(a, b):
+            return a + b
+
+        _exp, _sqrt = np.exp, np.sqrt
+    else:
+        _mul, _add = libdevice.fmul_rn, libdevice.fadd_rn
+        _exp, _sqrt = math.exp, math.sqrt
     ring = np.array([(dy * d, dx * d) for d in dilations for dy, dx in OFFSETS], np.int64)
     around = np.array([(dy * d, dx * d) for d in dilations for dy, dx in _WITH_CENTRE],
                       np.int64)

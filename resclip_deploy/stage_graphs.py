@@ -73,7 +73,8 @@ class Builder:
 
     def op(self, op_type: str, *inputs: str, outputs: int = 1, **attrs):
         names = [self._fresh(op_type.lower()) for _ in range(outputs)]
-        self.nodes.append(helper.make_node(op_type, list(inputs), names, **attrs))
+        # named as its first output: profiles (resclip-bench --traffic) then name the node
+        self.nodes.append(helper.make_node(op_type, list(inputs), names, name=names[0], **attrs))
         return names[0] if outputs == 1 else names
 
     def dim(self, x: str, axis: int) -> str:

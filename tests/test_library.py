@@ -63,6 +63,7 @@ def test_segment_inputs_refuses_videos_for_the_reference(tmp_path):
 
 
 def test_benchmark_reports_every_stage(tiny_bundle):
+    from resclip_deploy import pamr_cuda
     from resclip_deploy.bench import STAGES, benchmark, format_report
     report = benchmark(str(tiny_bundle), size=(120, 160), runs=2, warmup=0, device="cpu",
                        reference=False, sweep=True, traffic=True, gpu_plan=True)
@@ -102,6 +103,18 @@ def test_benchmark_reports_every_stage(tiny_bundle):
     assert traffic["node_output_bytes"]["head"] > 6 * 3 * 49 * 4
     assert traffic["implied_gpu_ms"] == pytest.approx(1e3 * traffic["total_bytes"] / 4e12)
     assert "graph node outputs per image" in text
+    # the pre-pass: its graph's bytes read and written against the CUDA kernels' model
+    pre = traffic["prepass"]
+    assert (pre["windows"], pre["window_hw"], pre["queries"]) == (6, [224, 224], 3)
+    assert pre["mask_dtype"] == "float32" and pre["graph_written_bytes"] == traffic["pamr_bytes"]
+    plan = pamr_cuda.Plan(6, 3, (224, 224), (7, 7), 10, 32)
+    assert pre["kernel_bytes"] == plan.traffic()
+    graph, kernels = pre["graph_read_bytes"] + pre["graph_written_bytes"], sum(
+        plan.traffic().values())
+    assert pre["ratio"] == pytest.approx(graph / kernels) and pre["ratio"] > 10
+    assert pre["graph_ms"]["3 TB/s"] == pytest.approx(1e3 * graph / 3e12)
+    assert pre["kernel_ms"]["4.3 TB/s"] == pytest.approx(1e3 * kernels / 4.3e12)
+    assert "CUDA kernels" in text and "fewer bytes" in text
 
 
 @pytest.mark.slow
@@ -160,3 +173,38 @@ def test_segment_many_equals_segment_per_image(bundle_for, name):
         np.testing.assert_allclose(got.probs, want.probs, rtol=0, atol=1e-6)
     # slide: one run for all four; whole image: one per distinct resized size (3)
     assert len(runs) == (1 if name.startswith("ade20k") else 3), runs
+
+
+def test_traffic_counts_an_fp16_graph_in_its_declared_types(tmp_path):
+    """ONNX Runtime's CPU provider runs an fp16 pre-pass graph's PAMR loop in fp32 (behind
+    casts it inserts): --traffic sizes each node's tensors as the graph declares them, so the
+    fp16 loop counts half the fp32 one's bytes, and an fp32 graph counts as profiled."""
+    import json
+
+    import onnxruntime as ort
+
+    from resclip_deploy import stage_graphs
+    from resclip_deploy.bench import declared_itemsizes, node_bytes
+    from resclip_deploy.params import PAMR_DILATIONS
+    totals = {}
+    for fp16 in (False, True):
+        model = stage_graphs.prepass_graph(16, 40.0, PAMR_DILATIONS, 10, fp16=fp16)
+        options = ort.SessionOptions()
+        options.enable_profiling = True
+        options.profile_file_prefix = str(tmp_path / f"p{fp16}")
+        session = ort.InferenceSession(model.SerializeToString(), options,
+                                       providers=["CPUExecutionProvider"])
+        session.run(None, {"prepass_logits": np.zeros((1, 20, 16), np.float32),
+                           "windows": np.zeros((1, 3, 64, 64), np.float32),
+                           "temp_thd": np.array(0.2, np.float32)})
+        with open(session.end_profiling()) as f:
+            events = [e for e in json.load(f) if e.get("cat") == "Node"
+                      and e["name"].endswith("_kernel_time")]
+        declared = declared_itemsizes(model)
+        assert sum(e["name"].removesuffix("_kernel_time") in declared for e in events) \
+            >= len(events) - 2
+        totals[fp16] = [sum(map(sum, (node_bytes(e, sizes) for e in events)))
+                        for sizes in (declared, None)]
+    assert totals[False][0] == totals[False][1]            # fp32: declared = profiled
+    assert totals[True][1] == totals[False][1]              # the CPU ran the fp16 loop in fp32
+    assert 0.45 < totals[True][0] / totals[False][0] < 0.55
