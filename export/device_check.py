@@ -88,18 +88,31 @@ def devices(cpu_only: bool) -> list[str]:
     return ["cpu", *found]
 
 
+def configurations(cpu_only: bool) -> list[tuple[str, Optional[dict[str, str]]]]:
+    """(device, stages) to run: each provider as the stage table chooses (on a GPU the pre-pass
+    kernels where numba-cuda finds the device), and on CUDA the pre-pass graph beside them."""
+    out: list[tuple[str, Optional[dict[str, str]]]] = []
+    for device in devices(cpu_only):
+        out.append((device, None))
+        if device == "cuda":
+            out.append((device, {"prepass": "graph"}))
+    return out
+
+
 def check_one(bundle: str, device: str, rgb: np.ndarray, truth: Optional[Any], runs: int,
-              frames: int) -> tuple[dict[str, Any], Optional[Any]]:
-    """One bundle on one provider -> (its entry, its segmentation of ``rgb``): labels and
-    probabilities against the CPU fp32 ``truth``, seconds per stage, video frames/s, GPU
-    memory."""
+              frames: int, stages: Optional[dict[str, str]] = None,
+              ) -> tuple[dict[str, Any], Optional[Any]]:
+    """One bundle on one provider (``stages``: over the stage table's choice) -> (its entry,
+    its segmentation of ``rgb``): labels and probabilities against the CPU fp32 ``truth``,
+    seconds per stage, video frames/s, GPU memory."""
+    head: dict[str, Any] = {"device": device, **({"stages_requested": stages} if stages else {})}
     try:
-        seg = Segmenter.from_bundle(bundle, device=device)
+        seg = Segmenter.from_bundle(bundle, device=device, stages=stages)
     except Exception as e:  # a provider that does not start is a result, not a crash
-        return {"device": device, "error": " ".join(str(e).split())[:600]}, None
+        return {**head, "error": " ".join(str(e).split())[:600]}, None
     start = time.perf_counter()
     first = seg.segment(rgb)
-    entry: dict[str, Any] = {"device": device, "providers": seg.providers,
+    entry: dict[str, Any] = {**head, "providers": seg.providers,
                              "first_image_s": round(time.perf_counter() - start, 3)}
     timed = time_runtime(seg, rgb, runs, warmup=1)
     entry.update(image_s=round(timed["total_s"], 4), stages=seg.plan,
@@ -218,14 +231,16 @@ def run(cpu_only: bool, tiny: bool, frames: int, runs: int, workdir: str,
             report["cases"].append(case)
             where = {"case": name, "precision": precision}
             save({**where, "export_s": case["export_s"]})
-            for device in devices(cpu_only):
+            for device, stages in configurations(cpu_only):
                 # Video on the CPU only for the tiny model: ViT-B/16 frames take a second each.
                 video = frames if device != "cpu" or tiny else 0
-                entry, result = check_one(folder, device, rgb, truth, runs, video)
+                entry, result = check_one(folder, device, rgb, truth, runs, video, stages)
                 if truth is None:                   # CPU fp32 is the reference of the rest
                     truth = result
                 case["runs"].append(entry)
                 save({**where, "run": entry})
+                if stages:
+                    continue                        # the fused chain once per provider
                 # The fused chain runs its pre-pass as graph ops: minutes on a CPU for ViT-B/16.
                 if truth is not None and (device != "cpu" or tiny):
                     chain = check_fused(folder, device, rgb, truth, runs)

@@ -5,8 +5,9 @@
 Prints one JSON line: onnxruntime's file, package and version, its available providers,
 ``onnxruntime.preload_dlls()`` (ONNX Runtime >= 1.21; what it printed and which CUDA libraries
 the process then has mapped), a one-node CUDA session (which providers it bound, whether it
-added correctly), and the GPUs nvidia-smi lists. Nothing here fails for want of a GPU: each
-step records its error instead.
+added correctly), numba-cuda (the pre-pass kernels': whether it finds the device, and a
+one-line kernel compiled with NVVM and run), and the GPUs nvidia-smi lists. Nothing here fails
+for want of a GPU: each step records its error instead.
 
 The device check runs this in a child process before it imports torch, because torch loads
 CUDA libraries of its own: only a process without torch shows what the torch-free runtime
@@ -126,6 +127,32 @@ def cuda_session() -> dict[str, Any]:
             "seconds": round(time.perf_counter() - start, 3)}
 
 
+def numba_cuda() -> dict[str, Any]:
+    """numba-cuda, which the pre-pass's kernels need: its version, whether it finds a device,
+    and a one-line kernel compiled (NVVM, libdevice) and run on it."""
+    start = time.perf_counter()
+    info: dict[str, Any] = {}
+    try:
+        from importlib.metadata import version
+
+        from numba import config, cuda
+        info.update(version=version("numba-cuda"), simulator=bool(config.ENABLE_CUDASIM),
+                    available=cuda.is_available())
+        if info["available"]:
+            @cuda.jit
+            def add(x, y, z):              # one thread (numba's simulator swaps only globals)
+                for i in range(z.size):
+                    z[i] = x[i] + y[i]
+            x, y = np.array([1, 2], np.float32), np.array([3, 4], np.float32)
+            z = cuda.device_array(2, np.float32)
+            add[1, 1](x, y, z)
+            info["add_correct"] = bool(np.array_equal(z.copy_to_host(), x + y))
+    except Exception as e:  # recorded: the runtime then takes the pre-pass graph
+        info["error"] = one_line(f"{type(e).__name__}: {e}")
+    info["seconds"] = round(time.perf_counter() - start, 3)
+    return info
+
+
 def parse_gpus(csv_text: str) -> list[dict[str, Any]]:
     """nvidia-smi's ``name, memory.total, driver_version`` CSV (no header, no units) -> one
     dict per GPU."""
@@ -160,6 +187,7 @@ def preflight() -> dict[str, Any]:
                               "preload_dlls": preload()}
     report["cuda_session"] = cuda_session()
     report["libraries"] = loaded_libraries()
+    report["numba_cuda"] = numba_cuda()
     report["nvidia_smi"] = nvidia_smi()
     report["seconds"] = round(time.perf_counter() - start, 3)
     return report

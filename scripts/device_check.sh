@@ -12,9 +12,22 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 wheels="${WHEELS:-.whl}"
 site="${RESCLIP_SITE:-/tmp/resclip-site}"
+# The CUDA wheels (nvidia_*: NVVM) go to a folder of their own, after $site on the path: they
+# install into nvidia/cu13/, which in $site would stop the nvidia/ link below.
+cuda_site="${RESCLIP_CUDA_SITE:-/tmp/resclip-cuda-site}"
 if [ -d "$wheels" ] && ls "$wheels"/*.whl >/dev/null 2>&1; then
+    shopt -s nullglob
+    cuda_wheels=("$wheels"/nvidia_*.whl)
+    other_wheels=()
+    for w in "$wheels"/*.whl; do
+        case "$(basename "$w")" in nvidia_*) ;; *) other_wheels+=("$w") ;; esac
+    done
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target "$site" "$wheels"/*.whl
+        --target "$site" "${other_wheels[@]}"
+    if [ "${#cuda_wheels[@]}" -gt 0 ]; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+            --target "$cuda_site" "${cuda_wheels[@]}"
+    fi
     # onnxruntime.preload_dlls() looks for the CUDA libraries' nvidia/ folder beside
     # onnxruntime/, as one site-packages holds both in a normal install; here they are apart.
     nvidia="$(python3 -P -c 'import nvidia; print(next(iter(nvidia.__path__)))' 2>/dev/null)" \
@@ -22,7 +35,11 @@ if [ -d "$wheels" ] && ls "$wheels"/*.whl >/dev/null 2>&1; then
     if [ -n "$nvidia" ] && [ -d "$site/onnxruntime" ] && [ ! -e "$site/nvidia" ]; then
         ln -s "$nvidia" "$site/nvidia"
     fi
-    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+    if [ "${#cuda_wheels[@]}" -gt 0 ]; then
+        export PYTHONPATH="$site:$cuda_site${PYTHONPATH:+:$PYTHONPATH}"
+    else
+        export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+    fi
 fi
 # -P (Python >= 3.11): without it `-m` puts the current folder, the repository root, first on
 # sys.path, where the source folder resclip_deploy/ shadows the installed package and lacks

@@ -36,12 +36,17 @@ from typing import Any, Iterator, Optional
 MIB = 1 << 20
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # What the device image (Python 3.12, torch 2.11 + CUDA 13, CPU onnxruntime 1.30, onnx,
-# onnxscript, timm, ...) lacks for the check: the GPU build of ONNX Runtime (1.31.1: CUDA 13 and
-# cuDNN 9, the libraries the image's torch brings), open_clip and its two small needs. The
-# versions are the ones the project's environment is tested with.
-WHEELS = ("onnxruntime-gpu==1.31.1", "open_clip_torch==3.3.0", "ftfy==6.3.1", "wcwidth==0.9.5")
+# onnxscript, timm, numba, ...) lacks for the check: the GPU build of ONNX Runtime (1.31.1: CUDA
+# 13 and cuDNN 9, the libraries the image's torch brings), open_clip and its two small needs,
+# and the pre-pass kernels' numba-cuda with the CUDA 13 compiler it needs (NVVM, libdevice: the
+# image's torch brings no compiler) and its CUDA Python bindings. The versions are the ones the
+# project's environment is tested with.
+WHEELS = ("onnxruntime-gpu==1.31.1", "open_clip_torch==3.3.0", "ftfy==6.3.1", "wcwidth==0.9.5",
+          "numba-cuda==0.30.4", "cuda-core==1.2.2", "cuda-bindings==13.5.0",
+          "cuda-pathfinder==1.9.1", "nvidia-nvvm==13.0.88")
+# manylinux_2_12 too: the nvidia-nvvm wheel is tagged manylinux2010.
 DEVICE_TARGET = ("--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp",
-                 "--platform", "manylinux_2_28_x86_64")
+                 "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux_2_12_x86_64")
 # One device call carries the working tree and its carried paths, 64 MiB together.
 CALL_LIMIT = 64 * MIB
 # Room for files that appear in the tree between preparing and calling.

@@ -110,6 +110,10 @@ def test_preflight_reports_without_a_gpu(tmp_path):
     assert result["preload_dlls"]["present"] == hasattr(__import__("onnxruntime"),
                                                         "preload_dlls")
     assert "gpus" in result["nvidia_smi"] or "error" in result["nvidia_smi"]
+    # numba-cuda (the tests run its simulator, which the report says)
+    numba = result["numba_cuda"]
+    assert numba["version"] and numba["simulator"] and numba["available"], numba
+    assert numba["add_correct"]
 
 
 def test_preflight_parsers():
