@@ -527,7 +527,8 @@ def prepass_traffic_line(p: dict[str, Any]) -> str:
               help="Video: frames per graph run (default: 1 on CPU, 4 on GPU).")
 @click.option("--traffic", is_flag=True,
               help="Also profile one image: bytes written by graph node outputs (the GPU "
-                   "memory traffic they imply, unfused).")
+                   "memory traffic they imply, unfused), and the pre-pass's bytes as a graph "
+                   "against its CUDA kernels'.")
 @click.option("--stages", "stages_text", default=None,
               help="Stage implementations over the device's choice, e.g. prepass=graph or "
                    "all=numpy (stages: normalise, prepass, connectivity, sfr_matrix, output).")

@@ -188,6 +188,8 @@ class Segmenter:
             encoder = text_encoder(bundle, device, threads, cache_dir, fallback)
             text = encoder.bank(classes.queries)
         seg = cls(bundle, sessions, text, overrides, plan, vocab)
+        if seg._kernel is not None:
+            log.info("prepass on %s", seg._kernel.provider)
         seg._built = (device, threads, cache_dir, encoder, fallback)
         return seg
 

@@ -108,15 +108,41 @@ def tree_bytes(root: str, left_behind: tuple[str, ...] = LEFT_BEHIND) -> int:
 
 def piece_size(tree: int, whole: int, limit: int = CALL_LIMIT, margin: int = MARGIN,
                unit: int = MIB) -> int:
-    """The largest piece (a multiple of ``unit``) that fits one call beside the tree and the
-    wheels that travel whole (they ride with the last piece)."""
-    size = (limit - tree - margin - whole) // unit * unit
-    if size <= 0:
+    """The largest piece (a multiple of ``unit``) that fills one call beside the tree; the
+    wheels that travel whole (``whole`` bytes) must fit one call too (the last: they ride with
+    the smallest pieces, :func:`group_pieces`)."""
+    size = (limit - tree - margin) // unit * unit
+    if size <= 0 or whole > limit - tree - margin:
         raise PrepareError(f"the tree ({tree / MIB:.1f} MiB) and the whole wheels "
                            f"({whole / MIB:.1f} MiB) leave no room in a {limit / MIB:.0f} MiB "
                            "call; run from a tree without tests/fixtures/ and large untracked "
                            "files")
     return size
+
+
+def group_pieces(sizes: dict[str, int], last_bytes: int, capacity: int) -> list[list[str]]:
+    """Piece folders (their bytes) -> the folders each call carries, in few calls: the last
+    call (it also carries ``last_bytes``: whl/) takes the smallest pieces that fit beside
+    whl/, the others go first-fit by decreasing size into calls of ``capacity`` bytes."""
+    if last_bytes > capacity or any(b > capacity for b in sizes.values()):
+        raise PrepareError("a piece or the whl/ folder does not fit one device call; give a "
+                           "smaller --piece-mib")
+    last, room = [], capacity - last_bytes
+    for folder in sorted(sizes, key=lambda f: (sizes[f], f)):
+        if sizes[folder] > room:
+            break
+        last.append(folder)
+        room -= sizes[folder]
+    calls: list[list[str]] = []
+    free: list[int] = []
+    for folder in sorted(set(sizes) - set(last), key=lambda f: (-sizes[f], f)):
+        i = next((i for i, r in enumerate(free) if sizes[folder] <= r), len(calls))
+        if i == len(calls):
+            calls.append([])
+            free.append(capacity)
+        calls[i].append(folder)
+        free[i] -= sizes[folder]
+    return calls + [sorted(last)]
 
 
 def quietly(command: list[str]) -> None:
@@ -220,22 +246,25 @@ def folder_bytes(folder: str) -> int:
                for f in files)
 
 
-def plan_calls(manifest: dict[str, Any], root: str) -> list[dict[str, Any]]:
-    """The device calls, in order: each but the last carries one piece folder and moves its
-    piece out of the repository copy there (a later call's transfer may replace its ignored
-    paths); the last carries the last piece and whl/, reassembles, installs and runs the check.
+def plan_calls(manifest: dict[str, Any], root: str, capacity: int) -> list[dict[str, Any]]:
+    """The device calls, in order, each carrying at most ``capacity`` bytes besides the tree
+    (:func:`group_pieces`): each but the last carries piece folders and moves their pieces out
+    of the repository copy there (a later call's transfer may replace its ignored paths); the
+    last carries the remaining pieces and whl/, reassembles, installs and runs the check.
     ``prepare`` are its shell steps, ``check`` the check itself (the last call only),
     ``diagnose`` what the first call also asks about the image."""
     folders = [p["folder"] for wheel in manifest["split"] for p in wheel["pieces"]]
     whl = manifest["folder"]
+    groups = group_pieces({f: folder_bytes(os.path.join(root, f)) for f in folders},
+                          folder_bytes(os.path.join(root, whl)), capacity)
     calls = []
-    for number, folder in enumerate(folders[:-1], 1):
-        steps = [f"mkdir -p {PIECES_HOME}", f"mv {folder}/* {PIECES_HOME}/",
-                 f"ls -l {PIECES_HOME}"]
-        calls.append({"carry": [folder], "prepare": steps, "timeout_s": MOVE_TIMEOUT_S})
+    for number, group in enumerate(groups[:-1], 1):
+        steps = [f"mkdir -p {PIECES_HOME}", f"mv {' '.join(f + '/*' for f in group)} "
+                 f"{PIECES_HOME}/", f"ls -l {PIECES_HOME}"]
+        calls.append({"carry": group, "prepare": steps, "timeout_s": MOVE_TIMEOUT_S})
         if number == 1:
             calls[0]["diagnose"] = DIAGNOSE
-    last = folders[-1:]
+    last = groups[-1]
     assemble = (f"python3 scripts/prepare_device.py --assemble {whl}/{MANIFEST} --pieces "
                 f"{PIECES_HOME} {' '.join(last)} --into {whl}")
     calls.append({"carry": [*last, whl], "prepare": [assemble] if folders else [],
@@ -322,7 +351,7 @@ def prepare(out: str, root: str,
     whole = sum(os.path.getsize(w) for w in wheels if os.path.getsize(w) <= WHOLE_MAX)
     size = piece_mib * MIB if piece_mib else piece_size(tree, whole)
     manifest = pack(wheels, out, root, size)
-    calls = plan_calls(manifest, root)
+    calls = plan_calls(manifest, root, CALL_LIMIT - tree - MARGIN)
     for call in calls:
         if call["carried_bytes"] + tree > CALL_LIMIT or len(call["command"]) > COMMAND_MAX:
             raise PrepareError(f"a call carrying {call['carry']} does not fit one device call; "

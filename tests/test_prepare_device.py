@@ -59,7 +59,7 @@ def test_the_planned_calls_reassemble_the_exact_wheel(packed, tmp_path):
     assert [p["bytes"] for p in wheel["pieces"]] == [PIECE, PIECE, PIECE, 1000]
     assert [p["folder"] for p in wheel["pieces"]] == [".device/p1", ".device/p2", ".device/p3",
                                                       ".device/p4"]
-    calls = prep.plan_calls(manifest, str(here))
+    calls = prep.plan_calls(manifest, str(here), PIECE)
     assert [c["carry"] for c in calls] == [[".device/p1"], [".device/p2"], [".device/p3"],
                                            [".device/p4", ".device/whl"]]
     assert all(len(c["command"]) <= prep.COMMAND_MAX for c in calls)
@@ -130,10 +130,28 @@ def test_piece_size_fills_one_call_and_no_more():
     tree, whole = int(1.4 * prep.MIB), int(2.3 * prep.MIB)
     size = prep.piece_size(tree, whole)
     assert size % prep.MIB == 0
-    assert size + tree + whole + prep.MARGIN <= prep.CALL_LIMIT
-    assert size + prep.MIB + tree + whole + prep.MARGIN > prep.CALL_LIMIT
+    assert size + tree + prep.MARGIN <= prep.CALL_LIMIT
+    assert size + prep.MIB + tree + prep.MARGIN > prep.CALL_LIMIT
     with pytest.raises(prep.PrepareError, match="tests/fixtures"):
         prep.piece_size(60 * prep.MIB, whole)                   # the tree with the fixtures
+    with pytest.raises(prep.PrepareError, match="whole wheels"):
+        prep.piece_size(tree, 63 * prep.MIB)
+
+
+def test_pieces_share_calls_so_that_few_calls_carry_them():
+    """Full pieces one per call; the remainders of each split wheel ride with whl/ in the last
+    call when they fit (ADE20K's device check: 6 calls where one piece per call took 8)."""
+    mib = prep.MIB
+    sizes = {".device/p1": 60 * mib, ".device/p2": 60 * mib, ".device/p3": 60 * mib,
+             ".device/p4": 60 * mib, ".device/p5": int(3.7 * mib), ".device/p6": int(58.8 * mib)}
+    groups = prep.group_pieces(sizes, int(16.6 * mib), int(60.4 * mib))
+    assert groups == [[".device/p1"], [".device/p2"], [".device/p3"], [".device/p4"],
+                      [".device/p6"], [".device/p5"]]
+    # small pieces that do not all fit beside whl/ share the other calls
+    assert prep.group_pieces({"a": 50, "b": 30, "c": 20, "d": 20}, 70, 100) == [
+        ["a", "b", "d"], ["c"]]
+    with pytest.raises(prep.PrepareError, match="does not fit"):
+        prep.group_pieces({"a": 101}, 0, 100)
 
 
 def test_tree_bytes_counts_what_travels(tmp_path):
