@@ -53,6 +53,7 @@ TARGET_THREADS = 1 << 18
 # The vote runs one block per patch, a thread per pixel: at most 1024 threads, patch ≤ 32.
 MAX_PATCH = 32
 
+
 def bilinear_tables(src: int, dst: int) -> tuple[np.ndarray, np.ndarray]:
     """Half-pixel bilinear from ``src`` cells to ``dst`` pixels along one axis, as OpenCV's
     INTER_LINEAR computes it: (dst, 2) int64 first and second source cell, (dst, 2) float32
@@ -68,8 +69,8 @@ def bilinear_tables(src: int, dst: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def bilinear(grid: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    """(..., gh, gw) float32 -> (..., h, w): the kernels' upsampling, in numpy (for tests and
-    hosts without a device)."""
+    """(..., gh, gw) float32 -> (..., h, w): the kernels' upsampling in numpy (the tests hold
+    the kernels and OpenCV to it)."""
     (ry, wy), (rx, wx) = bilinear_tables(grid.shape[-2], hw[0]), bilinear_tables(grid.shape[-1],
                                                                                hw[1])
     rows = grid[..., rx[:, 0]] * wx[:, 0] + grid[..., rx[:, 1]] * wx[:, 1]
@@ -114,7 +115,7 @@ class Plan:
         weights = k * self.neighbours * h * w * size
         logits = k * q * gh * gw * 4
         steps = [logits if i == 0 else masks for i in range(self.iterations)]
-        out = {"affinity": pixels * 3 * 4 + weights}
+        out = {"affinity": pixels * 3 * 4 + weights if self.iterations else 0}
         middle = steps[:-1]
         out["iterate"] = sum(read + weights * self.query_blocks + masks for read in middle)
         last_read = steps[-1] if steps else logits
@@ -239,8 +240,9 @@ def kernels(dilations: tuple[int, ...], patch: int) -> Any:
 
     @cuda.jit
     def last(grid, src, from_grid, steps, weights, scale, argmax, maxprob, ry, wy, rx, wx):
-        """The last step (none when ``steps`` is 0) times ``scale``: each pixel's first
-        largest query and 1 / Σ exp(z − max), the softmax's largest probability."""
+        """The last step (none when ``steps`` is 0: then the upsampled logits) times ``scale``:
+        each pixel's first largest query and 1 / Σ exp(z − max), the softmax's largest
+        probability, summed online (rescaled when the maximum moves)."""
         i = cuda.grid(1)
         k, h, w = argmax.shape
         if i >= k * h * w:
@@ -256,10 +258,8 @@ def kernels(dilations: tuple[int, ...], patch: int) -> Any:
         for c in range(grid.shape[1]):
             if steps:
                 m = refined(grid, src, from_grid, b, c, a, ny, nx, ry, wy, rx, wx)
-            elif from_grid:
+            else:                           # no PAMR step: the upsampled logits themselves
                 m = upsampled(grid, b, c, y, x, ry, wy, rx, wx)
-            else:
-                m = np.float32(src[b, c, y, x])
             z = _mul(m, scale)
             if c == 0:
                 peak, total = z, np.float32(1)

@@ -127,6 +127,10 @@ class KernelPrepass:
 
     def __call__(self, logits: Array, windows: Array, temp_thd: float,
                  ) -> tuple[ort.OrtValue, ort.OrtValue, ort.OrtValue]:
+        for name, value in (("prepass_logits", logits), ("windows", windows)):
+            if _dtype_of(value) != np.float32:
+                raise ValueError(f"the pre-pass kernels take float32 {name}, not "
+                                 f"{_dtype_of(value)}")
         k, q = _shape(logits)[:2]
         h, w = _shape(windows)[2:]
         grid_hw = (h // self.patch, w // self.patch)
@@ -169,6 +173,10 @@ class KernelPrepass:
 
 def _shape(value: Array) -> tuple[int, ...]:
     return tuple(value.shape() if isinstance(value, ort.OrtValue) else value.shape)
+
+
+def _dtype_of(value: Array) -> np.dtype:
+    return _dtype(value) if isinstance(value, ort.OrtValue) else value.dtype
 
 
 def stage_rules(memory: str, requested: Optional[dict[str, str]] = None,

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import cv2
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -348,3 +349,23 @@ def test_segmenter_runs_the_kernels_on_onnx_runtime_tensors(patch8_bundle):
     a = cpu.segment(rgb, with_probs=True)
     np.testing.assert_array_equal(a.labels, b.labels)
     np.testing.assert_array_equal(a.probs, b.probs)
+
+
+def test_asking_for_the_kernels_without_a_device_is_one_line(patch8_bundle, tmp_path,
+                                                             monkeypatch):
+    """resclip-segment --stages prepass=kernel on a CPU (outside the simulator): exit 2, one
+    line that says why and what to do."""
+    from click.testing import CliRunner
+
+    from resclip_deploy.cli import segment_main
+    from resclip_deploy.runtime import cuda_prepass
+    monkeypatch.setattr(cuda_prepass, "simulated", lambda: False)
+    image = tmp_path / "a.png"
+    cv2.imwrite(str(image), np.zeros((32, 40, 3), np.uint8))
+    result = CliRunner().invoke(segment_main, [str(image), "-o", str(tmp_path / "o"), "--bundle",
+                                               str(patch8_bundle), "--device", "cpu",
+                                               "--stages", "prepass=kernel"])
+    assert result.exit_code == 2, result.output
+    [line] = result.output.strip().splitlines()
+    assert "stage prepass=kernel: runs on a CUDA device" in line and "--device cuda" in line
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
