@@ -38,12 +38,10 @@ from numba import config, int32, int64
 
 from .pamr import _WITH_CENTRE, OFFSETS
 
-try:
-    # numba-cuda (the [gpu] extra). A module global: numba's simulator swaps the kernels'
-    # global ``cuda`` for its own while they run.
-    from numba import cuda
-except ImportError:            # the traffic model (Plan) needs none of it
-    cuda = None
+# numba.cuda (numba-cuda: the [gpu] extra), imported by kernels(): it takes 1.4 s to import,
+# which the traffic model (Plan) does not need. A module global, because numba's simulator
+# swaps the kernels' global ``cuda`` for its own while they run.
+cuda: Any = None
 
 # Threads per block of the pixel kernels: 4 warps.
 THREADS = 128
@@ -129,6 +127,8 @@ class Plan:
 def kernels(dilations: tuple[int, ...], patch: int) -> Any:
     """The four kernels for PAMR's ``dilations`` (neighbour offsets in :data:`pamr.OFFSETS`
     order, compile-time constants) and a ``patch``-pixel vote."""
+    global cuda
+    from numba import cuda
     from numba.cuda import libdevice
     if config.ENABLE_CUDASIM:
         # numba's simulator runs the kernels as Python on numpy scalars, where a * b and a + b

@@ -127,9 +127,11 @@ def test_upsampling_reads_the_grid_as_the_upsampled_mask_would():
 # (K, Q, grid, patch, iterations, threads): windows from 1x1 to 48x64, 1 to 40 queries, 0 to 10
 # steps; queries split into blocks up to ``threads`` threads (the simulator starts a Python
 # thread per CUDA thread: the large windows run one block of queries).
-PREPASS_CASES = [(1, 1, (1, 1), 1, 0, 1 << 18), (2, 40, (2, 3), 3, 1, 1 << 18),
-                 (1, 17, (3, 2), 5, 2, 400), (1, 3, (3, 4), 16, 10, 1),
-                 (3, 6, (2, 2), 4, 3, 1 << 18)]
+# Windows are whole patches (slide mode), or not (whole mode: the grid is h // patch, the vote
+# ignores the rows and columns past it).
+PREPASS_CASES = [(1, 1, (1, 1), 1, 0, 1 << 18, None), (2, 40, (2, 3), 3, 1, 1 << 18, None),
+                 (1, 17, (3, 2), 5, 2, 400, None), (1, 3, (3, 4), 16, 10, 1, None),
+                 (3, 6, (2, 2), 4, 3, 1 << 18, None), (1, 5, (3, 4), 8, 2, 1 << 18, (27, 35))]
 
 
 def _cpu_prepass(logits, windows, patch, iterations, temp_thd, monkeypatch):
@@ -141,12 +143,12 @@ def _cpu_prepass(logits, windows, patch, iterations, temp_thd, monkeypatch):
     return prepass_step(logits.reshape(k, q, gh * gw), windows, params, patch, workers=1)
 
 
-@pytest.mark.parametrize("k,q,grid_hw,patch,iterations,threads", PREPASS_CASES)
-def test_prepass_kernels_match_the_cpu_prepass(k, q, grid_hw, patch, iterations, threads,
+@pytest.mark.parametrize("k,q,grid_hw,patch,iterations,threads,hw", PREPASS_CASES)
+def test_prepass_kernels_match_the_cpu_prepass(k, q, grid_hw, patch, iterations, threads, hw,
                                                monkeypatch):
     """The four kernels against pipeline.prepass_step: weights bit for bit, argmax equal, the
-    largest probability within 2e-6 (expf, the online softmax), patch labels equal."""
-    hw = (grid_hw[0] * patch, grid_hw[1] * patch)
+    largest probability within 2e-6 (the online softmax), patch labels equal."""
+    hw = hw or (grid_hw[0] * patch, grid_hw[1] * patch)
     logits, windows = _inputs(k, q, grid_hw, hw, seed=q)
     plan = pamr_cuda.Plan(k, q, hw, grid_hw, iterations, patch, target_threads=threads)
     argmax, maxprob, labels, weights = _launch(plan, logits, windows, temp_thd=0.3)
