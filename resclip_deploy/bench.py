@@ -344,8 +344,9 @@ def benchmark(bundle_dir: str, image: Optional[str] = None,
 
     ``image``: a file (default: the package's photo); ``size``: (H, W) to resize it to first.
     ``stages``: stage implementations over the device's defaults (resclip_deploy.stages).
-    ``gpu_plan``: also run the GPU configuration's stages here on two images (every stage but
-    connectivity a graph) for its host time and host <-> device bytes.
+    ``gpu_plan``: also run the GPU configuration's stages here on two images (the stage table's
+    GPU column: every stage but connectivity a graph, the pre-pass the CUDA kernels where they
+    can run) for its host time and host <-> device bytes.
     ``floor``: also time a plain ViT tower of the bundle's size on the same windows (needs
     torch to export it) and report the runtime / floor ratio.
     ``against``: an fp32 bundle (e.g. of an int8 one) whose labels on ONNX Runtime's CPU
@@ -462,7 +463,8 @@ def format_report(report: dict[str, Any]) -> str:
                      f"({os.path.basename(a['baseline'])}): {100 * a['all']:.2f} % ({per})")
     g = report.get("gpu_configuration")
     if g:
-        lines.append(f"GPU configuration (all stages but connectivity as graphs, run here): "
+        chosen = ", ".join(f"{k} {v}" for k, v in g["stages"].items() if v != "network")
+        lines.append(f"GPU configuration ({chosen}; run here): "
                      f"host time outside graph runs {1e3 * g['host_s']:.1f} ms per image "
                      f"({1e3 * g['first_image_host_s']:.1f} ms for a first image of its size); "
                      f"{g['graph_runs']} graph runs; {g['bytes_to_device'] / 1e6:.2f} MB up, "
