@@ -27,7 +27,7 @@ from onnx import external_data_helper, helper, numpy_helper
 from resclip_deploy import __version__
 from resclip_deploy.bundle import (TEXT_BANK_FILE, GraphEntry, Manifest, ModelFacts, Preprocess,
                                    TensorInfo, TextEncoderSpec, file_entries, graph_layout,
-                                   write_manifest)
+                                   read_bundle, write_manifest)
 from resclip_deploy.errors import UserError
 from resclip_deploy.io import current_umask, read_image
 from resclip_deploy.params import ResCLIPParams
@@ -171,9 +171,15 @@ def _export_text_encoder(clip: LoadedCLIP, vocab: Vocabulary, folder: str) -> Te
     return TextEncoderSpec(**spec, entry=_graph_entry(path))
 
 
+def _unverified_runtime(folder: str, **options: Any) -> Segmenter:
+    """The bundle being exported on ONNX Runtime's CPU provider, read before its verification
+    record is written (which every finished bundle needs)."""
+    return Segmenter.from_bundle(read_bundle(folder, verified=False), device="cpu", **options)
+
+
 def _verify_text_bank(folder: str, bank: np.ndarray, vocab: Vocabulary) -> float:
     """The bank rebuilt by the runtime (tokenizer file + ONNX text encoder) vs torch's."""
-    runtime_bank = Segmenter.from_bundle(folder, device="cpu", classes=vocab).text
+    runtime_bank = _unverified_runtime(folder, classes=vocab).text
     diff = float(np.abs(runtime_bank - bank).max())
     if not diff <= 1e-4:
         raise VerificationError(f"the ONNX text encoder's bank differs from torch's by {diff:.3g}"
@@ -230,7 +236,7 @@ def quantize_int8_weights(path: str) -> None:
 def calibration_feeds(folder: str, photos: Sequence[np.ndarray]) -> dict[str, list[dict]]:
     """Every graph's inputs as the fp32 bundle in ``folder`` computes them on ``photos``: the
     encoder gets windows, the head what the encoder and the SFR step give it."""
-    runtime = Segmenter.from_bundle(folder, device="cpu")
+    runtime = _unverified_runtime(folder)
     graphs = set(runtime.bundle.manifest.graphs)
     feeds: dict[str, list[dict]] = {name: [] for name in graphs}
     run_graph = runtime.run_graph
@@ -304,7 +310,7 @@ def verify_bundle(folder: str, net: ResCLIPVisual, bank: np.ndarray, vocab: Voca
     Raises VerificationError when the precision's thresholds are missed (int8: reported only).
     """
     photo = verification_photo()
-    runtime = Segmenter.from_bundle(folder, device="cpu")
+    runtime = _unverified_runtime(folder)
     reference = ReferenceSegmenter(net.visual, bank, vocab, params)
     report: dict[str, Any] = {"photo": "chelsea.png (300x451)", "graphs": []}
     sizes = [params.short_side] if params.mode == "slide" else [params.short_side, 224]

@@ -15,7 +15,10 @@ import dataclasses
 import hashlib
 import json
 import math
+import ntpath
 import os
+import posixpath
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -175,7 +178,8 @@ class FileEntry:
 class Manifest:
     """Everything a bundle declares. ``source``, ``versions``, ``timings_s`` and
     ``verification`` are records for people (what it was made from, with what, how well it
-    verified); the runtime reads the other fields."""
+    verified; a bundle without its verification record is refused); the runtime reads the
+    other fields."""
 
     source: dict[str, Any]
     model: ModelFacts
@@ -222,6 +226,21 @@ class Manifest:
             "files": {name: dataclasses.asdict(f) for name, f in self.files.items()},
             **({} if self.verification is None else {"verification": self.verification}),
         }
+
+
+def public_source(source: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's ``source`` as a service shows it to any client: model names, file names
+    and checksums, not the paths of the machine that made the bundle ('/srv/w/b16.pt' ->
+    'b16.pt', 'local-dir:/srv/m' -> 'local-dir:m'; 'hf-hub:org/repo' stays)."""
+    def public(value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        scheme = re.match(r"[a-z][a-z0-9-]+:", value)     # 'local-dir:', not a drive 'C:'
+        head, rest = (value[:scheme.end()], value[scheme.end():]) if scheme else ("", value)
+        if posixpath.isabs(rest) or ntpath.isabs(rest) or rest.startswith("~"):
+            return head + re.split(r"[/\\]", rest.rstrip("/\\"))[-1]   # made on any system
+        return value
+    return {key: public(value) for key, value in source.items()}
 
 
 def write_manifest(folder: str, manifest: Manifest) -> None:
@@ -474,9 +493,9 @@ def _read_files(f: _Fields) -> dict[str, FileEntry]:
     return out
 
 
-def parse_manifest(data: Any, where: str) -> Manifest:
+def parse_manifest(data: Any, where: str, verified: bool = True) -> Manifest:
     """The manifest's JSON -> :class:`Manifest`; every field checked (``where`` names the
-    bundle in errors)."""
+    bundle in errors; ``verified``: see :func:`read_bundle`)."""
     f = _Fields(data, where, "")
     params = _read_params(f)
     text_bank = f.str("text_bank", TEXT_BANKS)
@@ -497,7 +516,8 @@ def parse_manifest(data: Any, where: str) -> Manifest:
     if unlisted:
         raise f.error("files", f"has no entry for {unlisted[0]} (every file the bundle uses is "
                                "checksummed)")
-    verification = f.obj("verification", optional=True)
+    # Every finished export records it; only the export reads its bundle before it is written.
+    verification = f.obj("verification", optional=not verified)
 
     def numbers(key: str) -> dict[str, Any]:
         return f.get(key, dict, "an object")
@@ -541,9 +561,12 @@ class Bundle:
                             f"declares {bad[2]}; export the bundle again")
 
 
-def read_bundle(path: str) -> Bundle:
+def read_bundle(path: str, verified: bool = True) -> Bundle:
     """Open a bundle directory: schema, every manifest field, file names, then every listed
-    file's sha256. Nothing the manifest names is opened before all of it is validated."""
+    file's sha256. Nothing the manifest names is opened before all of it is validated.
+
+    ``verified=False``: the export's own reading of its bundle, before the verification record
+    that every finished bundle carries is written."""
     manifest_path = os.path.join(path, MANIFEST)
     if not os.path.isdir(path):
         raise UserError(f"bundle {path} is not a directory; make one with resclip-export")
@@ -569,7 +592,7 @@ def read_bundle(path: str) -> Bundle:
     if data.get("format") != FORMAT:
         raise UserError(f"bundle {path}: {MANIFEST} is not a {FORMAT} manifest (format "
                         f"{data.get('format')!r}); export it again")
-    bundle = Bundle(path, parse_manifest(data, path))
+    bundle = Bundle(path, parse_manifest(data, path, verified))
     _check_files(bundle)
     return bundle
 

@@ -34,6 +34,7 @@ from typing import Any, AsyncIterator, Optional
 
 import numpy as np
 
+from .bundle import public_source
 from .errors import UserError
 from .io import decode_image, label_png_bytes, overlay_jpeg_bytes
 from .overlay import class_fractions, palette
@@ -156,7 +157,7 @@ class Service:
     def info(self) -> dict[str, Any]:
         seg = self.segmenter
         m = seg.bundle.manifest
-        return {"model": m.source, "vocabulary": m.vocabulary.to_dict(),
+        return {"model": public_source(m.source), "vocabulary": m.vocabulary.to_dict(),
                 "classes": list(seg.vocab.class_names), "precision": m.precision,
                 "settings": seg.params.to_dict(), "runtime_classes": m.text_encoder is not None,
                 "providers": seg.providers, "stages": seg.plan,

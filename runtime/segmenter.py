@@ -132,19 +132,22 @@ class Segmenter:
         self._merge_cache: Any = None
 
     @classmethod
-    def from_bundle(cls, path: str, device: str = "auto", threads: Optional[int] = None,
+    def from_bundle(cls, path: "str | Bundle", device: str = "auto",
+                    threads: Optional[int] = None,
                     classes: Optional[Vocabulary] = None, cache_dir: Optional[str] = None,
                     profile_dir: Optional[str] = None,
                     stages: Optional[dict[str, str]] = None, **overrides: Any) -> "Segmenter":
-        """``classes``: a new vocabulary (needs a bundle exported with --text-encoder).
+        """``path``: a bundle directory (or a Bundle already read).
+        ``classes``: a new vocabulary (needs a bundle exported with --text-encoder).
         ``cache_dir``: TensorRT engine and timing caches (default: providers.default_cache_dir).
         ``profile_dir``: ONNX Runtime profiles of the graph sessions go there.
-        ``stages``: stage -> 'numpy' or 'graph' over the stage table's choice for the device
+        ``stages``: stage -> implementation over the stage table's choice for the device
         (resclip_deploy.stages); {'all': 'graph'}: every stage that has a graph.
         ``overrides``: runtime-side settings (connectivity, prob_thd, temp_thd); None = keep."""
         overrides = {k: v for k, v in overrides.items() if v is not None}
         check_overrides(overrides)
-        bundle = read_bundle(path)
+        bundle = path if isinstance(path, Bundle) else read_bundle(path)
+        path = bundle.path
         manifest = bundle.manifest
         device = check_device_for_precision(device, manifest.precision)
         if classes is not None and manifest.text_encoder is None:

@@ -99,8 +99,7 @@ def test_every_field_is_checked(bundle, tiny_bundle):
     for path, keys in paths:
         for how, change in (("missing", lambda n, k: n.pop(k)),
                             ("mistyped", lambda n, k: n.__setitem__(k, wrong_type(n[k])))):
-            # verification is optional: a bundle whose check was not recorded still runs
-            if how == "missing" and (isinstance(keys[-1], int) or path == "verification"):
+            if how == "missing" and isinstance(keys[-1], int):
                 continue
             write(bundle, edit(manifest, keys, change))
             with pytest.raises(UserError) as e:
@@ -113,7 +112,7 @@ def test_every_field_is_checked(bundle, tiny_bundle):
 
 
 @pytest.mark.parametrize("drop", ["files", "graphs", "vocabulary.classes", "params.method",
-                                  "preprocess.mean", "text_encoder.graph"])
+                                  "preprocess.mean", "text_encoder.graph", "verification"])
 def test_missing_fields_from_the_command_line(bundle, tmp_path, drop):
     manifest = manifest_of(bundle)
     keys = drop.split(".")

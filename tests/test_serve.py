@@ -5,6 +5,7 @@ run with bad requests mixed in."""
 import base64
 import concurrent.futures
 import json
+import os
 import struct
 import time
 import zlib
@@ -167,6 +168,11 @@ def test_info_and_metrics(fixed):
     assert info["classes"] == manifest["vocabulary"]["class_names"]
     assert info["precision"] == "fp32" and info["runtime_classes"] is False
     assert info["providers"]["encoder"] == ["CPUExecutionProvider"]
+    # what the bundle was made from, without this machine's paths: file names and checksums
+    source = manifest["source"]
+    assert os.path.isabs(source["file"]) and "/" not in info["model"]["file"]
+    assert info["model"] == {**source, "file": os.path.basename(source["file"])}
+    assert not any(isinstance(v, str) and os.sep in v for v in info["model"].values())
     metrics = httpx.get(server.url + "/metrics").text
     assert 'resclip_requests_total{endpoint="/v1/segment",status="200"}' in metrics
     assert "resclip_request_seconds_bucket" in metrics and "resclip_in_flight" in metrics
