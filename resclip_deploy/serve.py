@@ -268,7 +268,7 @@ async def read_limited(stream: AsyncIterator[bytes], limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def create_app(segmenter: Any, settings: ServeSettings = ServeSettings(),
+def create_app(segmenter: Any, settings: Optional[ServeSettings] = None,
                service: Optional["Service"] = None) -> Any:
     """The FastAPI app around one segmenter (the same app runs under uvicorn or Ray Serve,
     whose replicas give their own ``service``)."""
@@ -276,6 +276,7 @@ def create_app(segmenter: Any, settings: ServeSettings = ServeSettings(),
     from fastapi.responses import HTMLResponse, JSONResponse, Response
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+    settings = settings or ServeSettings()
     service = service or Service(segmenter, settings)
     page = page_files()
 
