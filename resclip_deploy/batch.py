@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 
-from .errors import UserError
+from .errors import UserError, cpus, needs_extra
 from .io import IMAGE_EXTENSIONS, decode_image, expand_inputs, output_stems, write_json
 from .segment import RUNTIME_ECHO, SUMMARY, SegmentOptions, segment_image
 
@@ -380,13 +380,10 @@ def _batch_command() -> Any:
         is recorded in summary.json's 'failed' and the rest go on (exit 1 if any failed)."""
         import sys
         _setup_logging(quiet)
-        try:
+        with needs_extra("resclip-batch", "ray"):
             import ray.data  # noqa: F401
-        except ImportError as e:
-            raise UserError(f"resclip-batch needs the [ray] extra ({e.name} is missing): "
-                            "pip install 'resclip-deploy[ray]'") from None
         if cpus_per_actor is None:
-            cpus_per_actor = float(max(1, (os.cpu_count() or 1) // actors))
+            cpus_per_actor = float(cpus(actors))
 
         def progress(n: int, total: int, entry: dict[str, Any]) -> None:
             if "error" in entry:

@@ -14,7 +14,7 @@ import click
 
 from .bundle import PRECISIONS
 from .datasets import LAYOUTS as DATASETS
-from .errors import UserError
+from .errors import UserError, needs_extra
 from .params import CONNECTIVITIES, CUSTOM, METHODS, MODES, PRESETS, ResCLIPParams, preset_params
 from .stages import parse_stages
 from .vocab import Vocabulary, preset_vocabulary, resolve_vocabulary
@@ -304,12 +304,9 @@ def export_main(model_name: str, pretrained: str, preset: Optional[str], classes
     """Export a CLIP ViT + vocabulary as a verified ONNX bundle for resclip-segment --bundle."""
     _setup_logging(quiet)
     params, vocab = resolve_settings(preset, classes, overrides)
-    try:
+    with needs_extra("resclip-export", "export"):
         from .export.bundle_export import export_bundle
         from .export.clip_loader import load_clip
-    except ImportError as e:
-        raise UserError(f"resclip-export needs the torch side ({e.name} is missing): "
-                        "pip install 'resclip-deploy[export]'") from None
     if os.path.exists(outdir) and not force:
         raise UserError(f"{outdir} exists; pass --force to replace it")
     if calibration and precision != "int8-static":
@@ -328,11 +325,8 @@ def export_main(model_name: str, pretrained: str, preset: Optional[str], classes
 
 def _reference_segmenter(model_name: str, pretrained: Optional[str], vocab: Vocabulary,
                          params: ResCLIPParams, device: str):
-    try:
+    with needs_extra("--reference", "export"):
         from .export.reference import reference_segmenter
-    except ImportError as e:
-        raise UserError(f"--reference needs the torch side ({e.name} is missing): "
-                        "pip install 'resclip-deploy[export]'") from None
     return reference_segmenter(model_name, pretrained, vocab, params, device)
 
 

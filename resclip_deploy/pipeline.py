@@ -7,7 +7,6 @@ windows, the SFR step between the two network halves, upsampling, merging and th
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 
 from . import geometry, sfr
+from .errors import cpus
 from .pamr import refined_scores
 from .params import PAMR_DILATIONS, PAMR_ITERATIONS, ResCLIPParams
 from .postprocess import Segmentation, finalize
@@ -78,7 +78,7 @@ def prepass_step(prepass_logits: np.ndarray, windows: np.ndarray, params: ResCLI
     k, q = prepass_logits.shape[:2]
     gh, gw = windows.shape[2] // patch, windows.shape[3] // patch
     grids = prepass_logits.reshape(k, q, gh, gw)
-    workers = workers or max(1, os.cpu_count() or 1)
+    workers = workers or cpus()
     in_flight, blocks = sfr_schedule(k, workers)
     # Windows run on their own threads, which only wait while their PAMR tasks run on the
     # shared pool: a window never waits for a pool thread held by another window (no deadlock).

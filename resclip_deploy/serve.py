@@ -35,7 +35,7 @@ from typing import Any, AsyncIterator, Optional
 import numpy as np
 
 from .bundle import public_source
-from .errors import UserError
+from .errors import UserError, cpus, needs_extra
 from .io import decode_image, label_png_bytes, overlay_jpeg_bytes
 from .overlay import class_fractions, palette
 from .postprocess import Segmentation
@@ -525,14 +525,11 @@ def _serve_command() -> Any:
                 or max_batch):
             raise UserError("--autoscale, --cpus-per-replica, --gpus-per-replica, --max-batch "
                             "and --ray-address need --ray")
-        try:
+        with needs_extra("resclip-serve", "serve"):
             import fastapi  # noqa: F401
             import uvicorn
             from PIL import Image  # noqa: F401
             from prometheus_client import Counter  # noqa: F401
-        except ImportError as e:
-            raise UserError(f"resclip-serve needs the [serve] extra ({e.name} is missing): "
-                            "pip install 'resclip-deploy[serve]'") from None
         from .runtime.segmenter import Segmenter
         segmenter = Segmenter.from_bundle(bundle_dir, device=device, threads=threads)
         uvicorn.run(create_app(segmenter, settings), host=host, port=port,
@@ -554,16 +551,13 @@ def _serve_on_ray(bundle_dir: str, device: str, settings: ServeSettings, host: s
                   replicas: int, autoscale: Optional[tuple[int, int]],
                   cpus_per_replica: Optional[float], gpus_per_replica: float,
                   max_batch: Optional[int], address: Optional[str]) -> None:
-    try:
+    with needs_extra("resclip-serve --ray", "ray"):
         import ray  # noqa: F401
         from ray import serve  # noqa: F401
         import fastapi  # noqa: F401
-    except ImportError as e:
-        raise UserError(f"resclip-serve --ray needs the [ray] extra ({e.name} is missing): "
-                        "pip install 'resclip-deploy[ray]'") from None
     from . import ray_serve
     if cpus_per_replica is None:
-        cpus_per_replica = float(max(1, (os.cpu_count() or 1) // (autoscale or (0, replicas))[1]))
+        cpus_per_replica = float(cpus((autoscale or (0, replicas))[1]))
     ray_serve.run(ray_serve.application(bundle_dir, device, settings, replicas, autoscale,
                                         cpus_per_replica, gpus_per_replica, max_batch),
                   host, port, address)

@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from .errors import UserError
+from .errors import UserError, cpus
 
 
 def free_port() -> int:
@@ -245,12 +245,12 @@ def serve_benchmark(bundle_dir: str, segmenter: Any, rgb: np.ndarray, device: st
                  common + (["--threads", str(threads)] if threads else []))]
     if ray_replicas:
         from .runtime.segmenter import Segmenter
-        cpus = max(1, (threads or os.cpu_count() or 1) // ray_replicas)
+        each = max(1, threads // ray_replicas) if threads else cpus(ray_replicas)
         # one replica's answer against the segmenter with one replica's threads
-        services.append((f"Ray Serve, {ray_replicas} replicas of {cpus} CPU(s)",
-                         Segmenter.from_bundle(bundle_dir, device=device, threads=cpus),
+        services.append((f"Ray Serve, {ray_replicas} replicas of {each} CPU(s)",
+                         Segmenter.from_bundle(bundle_dir, device=device, threads=each),
                          common + ["--ray", "--replicas", str(ray_replicas),
-                                   "--cpus-per-replica", str(cpus)]))
+                                   "--cpus-per-replica", str(each)]))
     reports = []
     for name, local, args in services:
         with ServiceProcess(bundle_dir, *args, env={"RAY_USAGE_STATS_ENABLED": "0"},
