@@ -25,15 +25,15 @@ import torch
 from onnx import external_data_helper, helper, numpy_helper
 
 from resclip_deploy import __version__
-from resclip_deploy.bundle import (TEXT_BANK_FILE, GraphEntry, Manifest, ModelFacts, Preprocess,
-                                   TensorInfo, TextEncoderSpec, file_entries, graph_layout,
-                                   read_bundle, write_manifest)
+from resclip_deploy.bundle import (FULL_PRECISION_GRAPHS, TEXT_BANK_FILE, GraphEntry, Manifest,
+                                   ModelFacts, Preprocess, TensorInfo, TextEncoderSpec,
+                                   file_entries, graph_layout, read_bundle, write_manifest)
 from resclip_deploy.errors import UserError
 from resclip_deploy.io import current_umask, read_image
 from resclip_deploy.params import ResCLIPParams
 from resclip_deploy.pipeline import prepare
 from resclip_deploy.runtime.providers import create_session
-from resclip_deploy.runtime.segmenter import FULL_PRECISION_GRAPHS, Segmenter
+from resclip_deploy.runtime.segmenter import Segmenter
 from resclip_deploy.vocab import Vocabulary
 
 from .clip_loader import LoadedCLIP

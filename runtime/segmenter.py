@@ -1,4 +1,5 @@
-"""The torch-free segmenter: a bundle's ONNX graphs in ONNX Runtime + the shared CPU steps.
+"""The torch-free segmenter: the method's stages over a bundle's ONNX graphs and the shared CPU
+steps. Sessions are built by runtime/sessions.py and run by runtime/graphs.py.
 
 >>> seg = Segmenter.from_bundle("models/ade20k", device="auto")
 >>> result = seg.segment(rgb)          # RGB uint8 (H, W, 3)
@@ -7,58 +8,36 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import hashlib
 import logging
-import os
-import threading
 import time
-import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Callable, Optional
 
 import numpy as np
 import onnxruntime as ort
-from tokenizers import Tokenizer
 
-from resclip_deploy import stage_graphs
-from resclip_deploy.bundle import TEXT_BANK_FILE, Bundle, Manifest, graph_layout, read_bundle
+from resclip_deploy.bundle import Bundle, read_bundle
 from resclip_deploy.errors import UserError
 from resclip_deploy.geometry import merge_matrices
-from resclip_deploy.pipeline import Prepared, SFRStep, Timings, finish, prepare, prepass_step
 from resclip_deploy.params import ResCLIPParams
+from resclip_deploy.pipeline import Prepared, SFRStep, Timings, finish, prepare, prepass_step
 from resclip_deploy.postprocess import Segmentation
 from resclip_deploy.sfr import connectivity_mask, masked_sfr_matrix, sfr_bias
 from resclip_deploy.stages import GRAPH, KERNEL, NUMPY, choose
 from resclip_deploy.vocab import Vocabulary
 
 from .cuda_prepass import KernelPrepass, stage_rules
-from .openvino import OpenVINOSession
-from .providers import (TRT, ProfiledSessions, check_device_for_precision, create_session,
-                        device_of, full_precision, gpu_options, graph_session,
-                        max_windows_per_run, memory_of, providers_of)
+from .graphs import GraphRunner, IOStats
+from .providers import check_device_for_precision, max_windows_per_run, memory_of, providers_of
+from .sessions import (OUTPUT_PROBS, bundle_sessions, load_text_bank, stage_sessions,
+                       text_encoder)
 from .text import TextEncoder
 
 log = logging.getLogger("resclip_deploy")
 
-@dataclass
-class IOStats:
-    """What the graph runs cost outside compute: seconds inside ONNX Runtime (and the pre-pass
-    kernels), and the bytes that
-    cross between host and device in the GPU configuration (on a CPU session, what would cross
-    there: inputs and fetched outputs, not what a GPU keeps between graphs)."""
-
-    graph_s: float = 0.0
-    to_device: int = 0
-    to_host: int = 0
-    runs: int = 0
-
-
 # Encoder outputs the head takes: kept on the GPU between the two graphs.
 DEVICE_RESIDENT = ("tokens", "rcs", "window")
-# The output graph's variant with probabilities (the plain one gives labels only).
-OUTPUT_PROBS = "output_probs"
 # One (frames, queries, rows, W0) float32 tensor of an output graph run: bands of rows beyond.
 OUTPUT_BAND_BYTES = 64 << 20
 # On a CPU smaller bands: each run's tensors are fresh pages there (no arena), and a band of
@@ -69,47 +48,51 @@ CPU_OUTPUT_BAND_BYTES = 16 << 20
 RUNTIME_SETTINGS = ("connectivity", "prob_thd", "temp_thd")
 
 
-def load_text_bank(bundle: Bundle) -> np.ndarray:
-    """The bundle's ``text_bank.npy``: (queries, embed_dim) float32, one row per query."""
-    manifest = bundle.manifest
-    want = (len(manifest.vocabulary.queries), manifest.model.embed_dim)
-    try:
-        bank = np.load(bundle.file(TEXT_BANK_FILE), allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise UserError(f"bundle {bundle.path}: {TEXT_BANK_FILE} is unreadable ({e}); export "
-                        "the bundle again") from None
-    if bank.dtype != np.float32 or bank.shape != want:
-        raise UserError(f"bundle {bundle.path}: {TEXT_BANK_FILE} holds {bank.dtype} "
-                        f"{bank.shape}, not float32 {want} (queries x embedding); export the "
-                        "bundle again")
-    return bank
+@dataclass
+class Encoded:
+    """The first graph's outputs for a batch of windows, and the windows: numpy arrays on a CPU
+    session; on a GPU, OrtValues where the later graphs take them (the CPU gets what its own
+    stages need). With SFR the encoder's four outputs; without, the final ``logits``."""
+
+    windows: Any
+    tokens: Any = None
+    rcs: Any = None
+    window: Any = None
+    prepass_logits: Any = None
+    logits: Any = None
+
+    def feeds(self) -> dict[str, Any]:
+        """The tensors as graph feeds (a graph takes the ones it names)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if getattr(self, f.name) is not None}
 
 
-# Graphs that keep full precision in OpenVINO's bf16 mode and in int8-weights bundles: the head
-# is ~3 % of the time and carries most of the labels a lower precision changes (random
-# ViT-B/16, fixture photos, equal to fp32: bf16 VOC20 98.93 -> 99.76 %, ADE20K 99.24 ->
-# 99.66 %; int8 weights ADE20K 97.2-97.4 -> 99.71 %).
-FULL_PRECISION_GRAPHS = ("head",)
+@dataclass(frozen=True)
+class Build:
+    """How :meth:`Segmenter.from_bundle` built the sessions: :meth:`Segmenter.with_classes`
+    builds a vocabulary's stage graphs alike."""
+
+    device: str = "cpu"
+    threads: Optional[int] = None
+    cache_dir: Optional[str] = None
+    fallback: bool = False          # 'auto': TensorRT graph by graph, CUDA where it refuses
 
 
 class Segmenter:
     """ResCLIP from a bundle. All windows of an image run as one batch per graph."""
 
     def __init__(self, bundle: Bundle, sessions: dict[str, ort.InferenceSession],
-                 text: Optional[np.ndarray], overrides: dict[str, Any],
-                 plan: Optional[dict[str, str]] = None, vocab: Optional[Vocabulary] = None):
+                 text: Optional[np.ndarray], params: Optional[ResCLIPParams] = None,
+                 plan: Optional[dict[str, str]] = None, vocab: Optional[Vocabulary] = None,
+                 build: Optional[Build] = None, encoder: Optional[TextEncoder] = None):
         """``sessions``: the bundle's graphs and the stage graphs of ``plan`` (stage ->
-        implementation, default: the stage table's choice for the device)."""
-        check_overrides(overrides)
-        self.bundle, self.sessions, self.text = bundle, sessions, text
-        self._overrides = overrides
-        # (device, threads, cache_dir, text encoder, TensorRT fallback) from_bundle used:
-        # with_classes builds alike
-        self._built: tuple = ("cpu", None, None, None, False)
-        # 'cuda' when the graphs run on a GPU provider, else 'cpu' (read once: run_graph asks)
-        self.device_type = memory_of(next(iter(sessions.values())))
+        implementation, default: the stage table's choice for the device); ``params``: the
+        bundle's with the run's settings (default: the bundle's)."""
+        self.bundle = bundle
+        self.graphs = GraphRunner(sessions, text)
+        self.device_type = self.graphs.device_type
         manifest = bundle.manifest
-        self.params = manifest.params.replace(**overrides)
+        self.params = params or manifest.params
         self.plan = plan or choose(self.device_type, self.params.sfr, None,
                                    *stage_rules(self.device_type))
         self._kernel = (KernelPrepass(self.params.logit_scale, manifest.model.patch,
@@ -118,16 +101,11 @@ class Segmenter:
         self.vocab = vocab or manifest.vocabulary
         self.patch = manifest.model.patch
         self.norm = manifest.preprocess.norm
-        self.io = IOStats()
+        self._build, self._encoder = build or Build(), encoder
         # The most windows one run of the graphs takes (TensorRT's profiles end there; on other
         # providers it bounds memory, and a run that size already fills a GPU):
         # segment_many and the video engine pack whole images into runs up to it.
         self.max_windows = max_windows_per_run(manifest)
-        # Arrays a CPU session hands from one graph to the next (a GPU keeps them), by id; weak,
-        # so that a freed array's id cannot be mistaken for a later one.
-        self._resident: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-        self._lock = threading.Lock()
-        self._text_device: Any = None
         self._merge_key: Any = None
         self._merge_cache: Any = None
 
@@ -147,53 +125,30 @@ class Segmenter:
         overrides = {k: v for k, v in overrides.items() if v is not None}
         check_overrides(overrides)
         bundle = path if isinstance(path, Bundle) else read_bundle(path)
-        path = bundle.path
         manifest = bundle.manifest
         device = check_device_for_precision(device, manifest.precision)
         if classes is not None and manifest.text_encoder is None:
-            raise UserError(f"bundle {path} has a fixed vocabulary; to choose classes at run "
-                            "time re-export it with resclip-export --text-encoder")
-        sessions: dict[str, ort.InferenceSession] = {}
-        # 'auto' takes TensorRT graph by graph: one it refuses runs on CUDA (and says so)
-        fallback = device == "auto"
-        # Smallest graph first: 'auto' probes GPU providers on it (a failed probe still parses
-        # the graph), then every other graph goes to the provider that bound (TensorRT again
-        # after a refusal: it may take the others).
-        graphs = sorted(manifest.graphs, key=lambda g: manifest.files[manifest.graphs[g].file]
-                        .bytes)
-        layout = graph_layout(manifest.params, manifest.text_input)
-        for name in graphs:
-            entry = manifest.graphs[name]
-            prefix = os.path.join(profile_dir, name) if profile_dir else None
-            own = full_precision(device) if name in FULL_PRECISION_GRAPHS else device
-            sessions[name] = graph_session(bundle.graph_file(name), own, threads, manifest,
-                                           layout[name].inputs,
-                                           manifest.files[entry.file].sha256, cache_dir,
-                                           profile_prefix=prefix, fallback=fallback)
-            bundle.check_session(name, sessions[name])
-            if device == "auto":
-                device = device_of(sessions[name])
-                if device == "cuda" and TRT in ort.get_available_providers():
-                    device = "tensorrt"      # TensorRT refused the first graph: try the others
+            raise UserError(f"bundle {bundle.path} has a fixed vocabulary; to choose classes at "
+                            "run time re-export it with resclip-export --text-encoder")
+        build = Build(device, threads, cache_dir, fallback=device == "auto")
+        sessions, device = bundle_sessions(bundle, device, threads, cache_dir, profile_dir)
+        build = Build(device, threads, cache_dir, build.fallback)
         params = manifest.params.replace(**overrides)
         vocab = classes or manifest.vocabulary
-        memory = memory_of(sessions[graphs[0]])
+        memory = memory_of(next(iter(sessions.values())))
         plan = choose(memory, params.sfr, stages, *stage_rules(memory, stages))
-        sessions.update(_stage_sessions(manifest, params, vocab, plan, device, threads, cache_dir,
-                                        profile_dir, fallback))
+        sessions.update(stage_sessions(manifest, params, vocab, plan, device, threads, cache_dir,
+                                       profile_dir, build.fallback))
         for name, session in sessions.items():
             log.info("%s graph on %s", name, ", ".join(providers_of(session)))
-        text = None
-        if manifest.text_input:
-            text = load_text_bank(bundle)
+        text = load_text_bank(bundle) if manifest.text_input else None
         encoder = None
         if classes is not None:
-            encoder = text_encoder(bundle, device, threads, cache_dir, fallback)
+            encoder = text_encoder(bundle, device, threads, cache_dir, build.fallback)
             text = encoder.bank(classes.queries)
-        seg = cls(bundle, sessions, text, overrides, plan, vocab)
+        seg = cls(bundle, sessions, text, params, plan, vocab, build, encoder)
         if seg._kernel is not None:
             log.info("prepass on %s", seg._kernel.provider)
-        seg._built = (device, threads, cache_dir, encoder, fallback)
         return seg
 
     def with_classes(self, classes: Vocabulary) -> "Segmenter":
@@ -204,17 +159,36 @@ class Segmenter:
         if manifest.text_encoder is None:
             raise UserError(f"bundle {self.bundle.path} has a fixed vocabulary; to choose classes "
                             "at run time re-export it with resclip-export --text-encoder")
-        device, threads, cache_dir, encoder, fallback = self._built
-        if encoder is None:
-            encoder = text_encoder(self.bundle, device, threads, cache_dir, fallback)
-            self._built = (device, threads, cache_dir, encoder, fallback)
+        b = self._build
+        if self._encoder is None:
+            self._encoder = text_encoder(self.bundle, b.device, b.threads, b.cache_dir,
+                                         b.fallback)
         networks = {n: s for n, s in self.sessions.items() if n in manifest.graphs}
-        stages = _stage_sessions(manifest, self.params, classes, self.plan, device, threads,
-                                 cache_dir, None, fallback)
-        seg = type(self)(self.bundle, {**networks, **stages}, encoder.bank(classes.queries),
-                         self._overrides, self.plan, classes)
-        seg._built = self._built
-        return seg
+        stages = stage_sessions(manifest, self.params, classes, self.plan, b.device, b.threads,
+                                b.cache_dir, None, b.fallback)
+        return type(self)(self.bundle, {**networks, **stages},
+                          self._encoder.bank(classes.queries), self.params, self.plan, classes,
+                          b, self._encoder)
+
+    # What the graphs run on and what crossed (runtime/graphs.py)
+
+    @property
+    def sessions(self) -> dict[str, Any]:
+        return self.graphs.sessions
+
+    @property
+    def text(self) -> Optional[np.ndarray]:
+        return self.graphs.text
+
+    @property
+    def io(self) -> IOStats:
+        """What the graph runs cost outside compute so far (a fresh IOStats starts the count
+        again)."""
+        return self.graphs.io
+
+    @io.setter
+    def io(self, stats: IOStats) -> None:
+        self.graphs.io = stats
 
     @property
     def providers(self) -> dict[str, list[str]]:
@@ -227,85 +201,12 @@ class Segmenter:
 
     def run_graph(self, graph: str, feeds: dict[str, Any],
                   keep_on_device: tuple[str, ...] = ()) -> dict[str, Any]:
-        """Run one graph (I/O binding on ONNX Runtime); feeds it does not take are dropped, the
-        text bank added. Outputs are numpy arrays, except those named in ``keep_on_device``,
-        which stay on the GPU as OrtValues (for the next graph) when the session runs on one.
+        """:meth:`GraphRunner.run`: one graph; outputs in ``keep_on_device`` stay on a GPU."""
+        return self.graphs.run(graph, feeds, keep_on_device)
 
-        feeds: numpy arrays or OrtValues (bound where they live, no copy).
-        """
-        session = self.sessions[graph]
-        if self.text is not None:
-            feeds = {**feeds, "text": self._text_value()}
-        inputs = {arg.name: feeds[arg.name] for arg in session.get_inputs()}
-        if isinstance(session, ProfiledSessions):
-            session = session.for_shapes({n: _shape(v) for n, v in inputs.items()})
-        for name, value in inputs.items():
-            if name != "text" and not isinstance(value, ort.OrtValue) \
-                    and not self._is_resident(value):
-                self._count(to_device=np.asarray(value).nbytes)
-        if isinstance(session, OpenVINOSession):
-            start = time.perf_counter()
-            out = dict(zip((o.name for o in session.get_outputs()), session.run(None, inputs)))
-            seconds = time.perf_counter() - start
-        else:
-            out, seconds = self._run_bound(session, inputs, keep_on_device)
-        # What stays on a GPU is not a transfer; on a CPU session the same arrays are marked so
-        # that the next graph does not count them as uploads either.
-        with self._lock:
-            for n in keep_on_device:
-                if n in out and isinstance(out[n], np.ndarray):
-                    self._resident[id(out[n])] = out[n]
-        self._count(graph_s=seconds, runs=1,
-                    to_host=sum(v.nbytes for n, v in out.items() if n not in keep_on_device))
-        return out
-
-    def _run_bound(self, session: ort.InferenceSession, inputs: dict[str, Any],
-                   keep_on_device: tuple[str, ...]) -> tuple[dict[str, Any], float]:
-        """One ONNX Runtime run with I/O binding -> outputs, seconds inside the run."""
-        binding = session.io_binding()
-        on_gpu = self.device_type != "cpu"
-        for name, value in inputs.items():
-            if isinstance(value, ort.OrtValue):
-                binding.bind_ortvalue_input(name, value)
-            else:
-                binding.bind_cpu_input(name, np.ascontiguousarray(value))
-        names = [o.name for o in session.get_outputs()]
-        for name in names:
-            if name in keep_on_device and on_gpu:
-                binding.bind_output(name, self.device_type)
-            else:
-                binding.bind_output(name)
-        start = time.perf_counter()
-        session.run_with_iobinding(binding)
-        seconds = time.perf_counter() - start
-        return {name: value if name in keep_on_device and on_gpu else value.numpy()
-                for name, value in zip(names, binding.get_outputs())}, seconds
-
-    def _is_resident(self, value: Any) -> bool:
-        with self._lock:
-            return self._resident.get(id(value)) is value
-
-    def _count(self, **amounts: float) -> None:
-        with self._lock:     # the video engine runs graphs from two threads
-            for key, amount in amounts.items():
-                setattr(self.io, key, getattr(self.io, key) + amount)
-
-    def _text_value(self) -> Any:
-        """The text bank, uploaded to the GPU once (numpy on a CPU session; its bytes are
-        counted once there too)."""
-        if self._text_device is None:
-            self._text_device = self._upload_once(self.text)
-        return self._text_device
-
-    def _upload_once(self, array: np.ndarray) -> Any:
-        """An input many runs share, uploaded once: an OrtValue on a GPU; on a CPU session the
-        array itself, counted once and then resident (not counted as an upload again)."""
-        self._count(to_device=array.nbytes)
-        if self.device_type == "cpu":
-            with self._lock:
-                self._resident[id(array)] = array
-            return array
-        return ort.OrtValue.ortvalue_from_numpy(array, self.device_type, 0)
+    def host(self, value: Any) -> np.ndarray:
+        """A stage's tensor on the host: numpy as is, a GPU OrtValue copied down (counted)."""
+        return self.graphs.host(value)
 
     def forward_windows(self, windows: np.ndarray, times: Optional[Timings] = None,
                         ) -> tuple[Any, Optional[SFRStep]]:
@@ -326,10 +227,8 @@ class Segmenter:
     # The stages of a batch of windows (resclip_deploy.stages); the video engine runs them in
     # separate threads. What one graph hands to the next stays on a GPU (keep_on_device).
 
-    def encode(self, windows: np.ndarray) -> dict[str, Any]:
-        """Windows -> the first graph's outputs and the normalised ``windows``. On a GPU, what the
-        later graphs take stays there; the CPU gets what its own stages need. Without SFR: the
-        final ``logits``."""
+    def encode(self, windows: np.ndarray) -> Encoded:
+        """Windows -> the first graph's outputs and the normalised ``windows``."""
         if windows.dtype == np.uint8:
             windows = self.run_graph("normalise", {"frames": windows},
                                      keep_on_device=("windows",))["windows"]
@@ -340,10 +239,9 @@ class Segmenter:
             keep = DEVICE_RESIDENT + (("prepass_logits",) if self.plan["prepass"] != NUMPY
                                       else ())
             enc = self.run_graph("encoder", {"pixels": windows}, keep_on_device=keep)
-        enc["windows"] = windows
-        return enc
+        return Encoded(windows, **enc)
 
-    def refine(self, enc: dict[str, Any], workers: Optional[int] = None) -> Optional[SFRStep]:
+    def refine(self, enc: Encoded, workers: Optional[int] = None) -> Optional[SFRStep]:
         """SFR between the graphs (None without SFR): pre-pass, connectivity, SFR matrix, each
         as the plan says. With graphs on a GPU only the patch labels come down and the
         connectivity mask goes up."""
@@ -352,23 +250,23 @@ class Segmenter:
         argmax, maxprob, grids = self.prepass(enc, workers)
         return SFRStep(argmax, maxprob, grids, *self.sfr_matrix(grids))
 
-    def prepass(self, enc: dict[str, Any], workers: Optional[int] = None) -> tuple[Any, ...]:
+    def prepass(self, enc: Encoded, workers: Optional[int] = None) -> tuple[Any, ...]:
         """-> pre-pass argmax and max probability (K, h, w), patch labels (K, gh, gw)."""
         p = self.params
         if self.plan["prepass"] == NUMPY:
-            return prepass_step(self.host(enc["prepass_logits"]), self.host(enc["windows"]), p,
+            return prepass_step(self.host(enc.prepass_logits), self.host(enc.windows), p,
                                 self.patch, workers)
         if self._kernel is not None:
-            windows = enc["windows"]
+            windows = enc.windows
             if self.device_type != "cpu" and not isinstance(windows, ort.OrtValue):
-                windows = self._upload_once(windows)
+                windows = self.graphs.upload_once(windows)
             start = time.perf_counter()
-            argmax, maxprob, grids = self._kernel(enc["prepass_logits"], windows, p.temp_thd)
-            self._count(graph_s=time.perf_counter() - start, runs=1)
+            argmax, maxprob, grids = self._kernel(enc.prepass_logits, windows, p.temp_thd)
+            self.graphs.count(graph_s=time.perf_counter() - start, runs=1)
             return argmax, maxprob, grids
         on_device = self.plan["connectivity"] == GRAPH and self.plan["sfr_matrix"] == GRAPH
         out = self.run_graph(
-            "prepass", {"prepass_logits": enc["prepass_logits"], "windows": enc["windows"],
+            "prepass", {"prepass_logits": enc.prepass_logits, "windows": enc.windows,
                         "temp_thd": np.array(p.temp_thd, dtype=np.float32)},
             keep_on_device=("prepass_argmax", "prepass_maxprob")
             + (("patch_labels",) if on_device else ()))
@@ -391,24 +289,16 @@ class Segmenter:
                              keep_on_device=("sfr_matrix", "sfr_bias"))
         return out["sfr_matrix"], out["sfr_bias"]
 
-    def head(self, enc: dict[str, Any], step: Optional[SFRStep]) -> Any:
+    def head(self, enc: Encoded, step: Optional[SFRStep]) -> Any:
         """-> (K, Q, N) patch cosine logits (kept on a GPU for an output graph)."""
         if step is None:
-            return enc["logits"]
+            return enc.logits
         keep = ("logits",) if self.plan["output"] == GRAPH else ()
-        return self.run_graph("head", {**enc, "sfr_bias": step.bias},
+        return self.run_graph("head", {**enc.feeds(), "sfr_bias": step.bias},
                               keep_on_device=keep)["logits"]
 
     def run_windows(self, windows: np.ndarray, times: Optional[Timings] = None) -> np.ndarray:
         return self.host(self.forward_windows(windows, times)[0])
-
-    def host(self, value: Any) -> np.ndarray:
-        """A stage's tensor on the host: numpy as is, a GPU OrtValue copied down (counted)."""
-        if not isinstance(value, ort.OrtValue):
-            return value
-        array = value.numpy()
-        self._count(to_host=array.nbytes)
-        return array
 
     def prepare(self, rgb: np.ndarray) -> Prepared:
         """RGB uint8 -> windows for :meth:`forward_windows` (uint8 crops for a normalise
@@ -487,7 +377,7 @@ class Segmenter:
             grid = tuple(side // self.patch for side in prepared.window_hw)
             rows, cols = merge_matrices(prepared.boxes, prepared.input_hw, prepared.image_hw,
                                         grid)
-            self._merge_cache = (rows, self._upload_once(cols))
+            self._merge_cache = (rows, self.graphs.upload_once(cols))
             self._merge_key = key
         return self._merge_cache
 
@@ -542,11 +432,6 @@ def pack_runs(windows: list[int], cap: int) -> list[list[int]]:
     return runs
 
 
-def _shape(value: Any) -> tuple[int, ...]:
-    """A feed's shape: numpy's attribute, an OrtValue's method."""
-    return tuple(value.shape() if isinstance(value, ort.OrtValue) else np.shape(value))
-
-
 class DeferredProbs(Segmentation):
     """A Segmentation whose probabilities are computed (on the GPU) and fetched when ``probs``
     is first read; until then only the labels have crossed to the host."""
@@ -568,61 +453,6 @@ class DeferredProbs(Segmentation):
     def __repr__(self) -> str:         # without computing the probabilities
         return (f"DeferredProbs(labels={self.labels.shape}, classes={len(self.class_names)}, "
                 f"probs={'pending' if self._load else 'fetched'})")
-
-
-def text_encoder(bundle: Bundle, device: str, threads: Optional[int],
-                 cache_dir: Optional[str], fallback: bool = False) -> TextEncoder:
-    """The bundle's text tower and tokenizer (a --text-encoder bundle)."""
-    manifest = bundle.manifest
-    spec = manifest.text_encoder
-    # The text tower is an fp32 graph in every bundle: no fp16 engine for it.
-    gpu = gpu_options(manifest, (), manifest.files[spec.graph].sha256, cache_dir)
-    session = create_session(bundle.file(spec.graph), full_precision(device), threads,
-                             dataclasses.replace(gpu, fp16=False), fallback=fallback)
-    bundle.check_session("text_encoder", session)
-    return TextEncoder(Tokenizer.from_file(bundle.file(spec.tokenizer)), session, spec)
-
-
-def _stage_sessions(manifest: Manifest, params: ResCLIPParams, vocab: Vocabulary,
-                    plan: dict[str, str], device: str, threads: Optional[int],
-                    cache_dir: Optional[str], profile_dir: Optional[str],
-                    fallback: bool = False) -> dict[str, Any]:
-    """The stage graphs ``plan`` runs, for these settings and this vocabulary."""
-    sessions = {stage: _stage_session(stage, manifest, params, vocab, device, threads,
-                                      cache_dir, profile_dir, fallback=fallback)
-                for stage, impl in plan.items() if impl == GRAPH}
-    if plan["output"] == GRAPH:      # labels only (above), and with probabilities
-        sessions[OUTPUT_PROBS] = _stage_session("output", manifest, params, vocab, device,
-                                                threads, cache_dir, profile_dir, probs=True,
-                                                fallback=fallback)
-    return sessions
-
-
-def _stage_session(stage: str, manifest: Manifest, params: ResCLIPParams, vocab: Vocabulary,
-                   device: str, threads: Optional[int], cache_dir: Optional[str],
-                   profile_dir: Optional[str], probs: bool = False,
-                   fallback: bool = False) -> ort.InferenceSession:
-    """A session of one stage graph, built for the settings and vocabulary of this run."""
-    model = stage_graphs.stage_model(stage, params, manifest.model.patch, vocab.query_to_class,
-                                     manifest.preprocess.norm, fp16=manifest.precision == "fp16",
-                                     probs=probs).SerializeToString()
-    # The stage graphs choose their own precision (fp16 PAMR for fp16 bundles, fp32
-    # thresholds and argmaxes): no fp16 engine over them, but for the pre-pass of an fp16
-    # bundle, whose fp16-typed loop TensorRT would otherwise run in fp32 (twice the traffic).
-    fp16 = manifest.precision == "fp16" and stage == "prepass"
-    # Under TensorRT only the pre-pass is worth an engine (it fuses PAMR's loop); the small
-    # stage graphs run on the CUDA provider, which takes any shape: no profile limits the
-    # output's size or batch there.
-    if device == "tensorrt" and stage != "prepass":
-        device = "cuda"
-    prefix = os.path.join(profile_dir, stage + ("_probs" if probs else "")) \
-        if profile_dir else None
-    # The pre-pass graph is ~470 ops over (K, Q, h, w) masks: without the CPU arena each one
-    # faults in fresh pages (6 ADE20K windows on a CPU provider: 30 s -> 16 s).
-    return graph_session(model, full_precision(device), threads, manifest,
-                         stage_graphs.input_names(model), hashlib.sha256(model).hexdigest(),
-                         cache_dir, len(vocab.queries), fp16, prefix, arena=stage == "prepass",
-                         fallback=fallback)
 
 
 def check_overrides(overrides: dict[str, Any]) -> None:

@@ -240,7 +240,7 @@ def test_fp16_prepass_as_a_gpu_rounds_it_agrees_with_fp32(bundle_for):
     corners = corner_windows(prepared.boxes)
     assert len(corners) == 4
     enc = seg.encode(prepared.windows[corners])
-    feeds = {"prepass_logits": seg.host(enc["prepass_logits"]), "windows": seg.host(enc["windows"]),
+    feeds = {"prepass_logits": seg.host(enc.prepass_logits), "windows": seg.host(enc.windows),
              "temp_thd": np.array(seg.params.temp_thd, dtype=np.float32)}
     k, q = feeds["prepass_logits"].shape[:2]
     assert q == case["num_queries"]

@@ -123,15 +123,15 @@ def test_stage_graph_options_prepass_fp16_only_for_fp16_bundles(tiny_bundle, tmp
     import dataclasses
 
     from resclip_deploy.bundle import read_bundle
-    from resclip_deploy.runtime import segmenter
+    from resclip_deploy.runtime import sessions
     manifest = read_bundle(str(tiny_bundle)).manifest
     picky_gpu.refuse = ()
     for precision in ("fp32", "fp16"):
         m = dataclasses.replace(manifest, precision=precision)
         for stage in ("prepass", "sfr_matrix", "output"):
             picky_gpu.made = []
-            segmenter._stage_session(stage, m, m.params, m.vocabulary, "tensorrt", None,
-                                     str(tmp_path), None)
+            sessions.stage_session(stage, m, m.params, m.vocabulary, "tensorrt", None,
+                                   str(tmp_path), None)
             first, options = picky_gpu.made[0][1][0]
             if stage != "prepass":               # the small stage graphs run on CUDA
                 assert first == CUDA, stage
