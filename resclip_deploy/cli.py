@@ -15,7 +15,8 @@ import click
 from .bundle import PRECISIONS
 from .datasets import LAYOUTS as DATASETS
 from .errors import UserError, needs_extra
-from .params import CONNECTIVITIES, CUSTOM, METHODS, MODES, PRESETS, ResCLIPParams, preset_params
+from .params import (CONNECTIVITIES, CUSTOM, METHODS, MODES, PRESETS, RUNTIME_SETTINGS,
+                     ResCLIPParams, flag, preset_params)
 from .stages import parse_stages
 from .vocab import Vocabulary, preset_vocabulary, resolve_vocabulary
 
@@ -38,6 +39,23 @@ def resolve_settings(preset: Optional[str], classes: Optional[str],
     base = preset_params(preset) if preset is not None else CUSTOM
     vocab = resolve_vocabulary(classes) if classes is not None else preset_vocabulary(preset)
     return base.replace(**overrides), vocab
+
+
+# How the CLI takes each runtime setting over a bundle's (params.RUNTIME_SETTINGS).
+RUNTIME_OPTIONS = {
+    "connectivity": (click.Choice(CONNECTIVITIES),
+                     "Override the bundle's SFR same-entity test for this run."),
+    "prob_thd": (float, "Override the bundle's prob_thd."),
+    "temp_thd": (float, "Override the bundle's temp_thd."),
+}
+
+
+def runtime_options(f: Callable) -> Callable:
+    """--connectivity, --prob-thd, --temp-thd: a bundle's runtime settings for this run."""
+    for setting in reversed(RUNTIME_SETTINGS):
+        kind, text = RUNTIME_OPTIONS[setting]
+        f = click.option(flag(setting), type=kind, default=None, help=text)(f)
+    return f
 
 
 def method_options(f: Callable) -> Callable:
@@ -246,16 +264,15 @@ def _bundle_segmenter(bundle_dir: str, model_name: Optional[str], pretrained: Op
                       preset: Optional[str], classes: Optional[str], device: str,
                       threads: Optional[int], overrides: dict[str, Any],
                       stages: Optional[dict[str, str]] = None):
-    from .runtime.segmenter import RUNTIME_SETTINGS, Segmenter
+    from .runtime.segmenter import Segmenter
 
     fixed = {"--model": model_name, "--pretrained": pretrained, "--preset": preset,
-             **{f"--{k.replace('_', '-')}": v for k, v in overrides.items()
-                if k not in RUNTIME_SETTINGS}}
+             **{flag(k): v for k, v in overrides.items() if k not in RUNTIME_SETTINGS}}
     given = [flag for flag, value in fixed.items() if value is not None]
     if given:
         raise UserError(f"{', '.join(given)} are fixed when the bundle is exported; re-export "
-                        f"with resclip-export to change them (per run: --connectivity, "
-                        "--prob-thd, --temp-thd)")
+                        f"with resclip-export to change them (per run: "
+                        f"{', '.join(flag(s) for s in RUNTIME_SETTINGS)})")
     vocab = resolve_vocabulary(classes) if classes is not None else None
     return Segmenter.from_bundle(bundle_dir, device=device, threads=threads, classes=vocab,
                                  stages=stages, **{k: overrides[k] for k in RUNTIME_SETTINGS})
@@ -346,10 +363,7 @@ def _reference_segmenter(model_name: str, pretrained: Optional[str], vocab: Voca
 @click.option("--device", default="auto", show_default=True,
               help="auto|cpu|cuda|tensorrt|openvino|openvino-bf16.")
 @click.option("--threads", type=int, default=None, help="CPU threads for ONNX Runtime.")
-@click.option("--connectivity", type=click.Choice(CONNECTIVITIES), default=None,
-              help="Override the bundle's SFR same-entity test for this run.")
-@click.option("--prob-thd", type=float, default=None, help="Override the bundle's prob_thd.")
-@click.option("--temp-thd", type=float, default=None, help="Override the bundle's temp_thd.")
+@runtime_options
 @click.option("-o", "--output", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the report (metrics, per-class IoU, images) as JSON here.")
 @click.option("--save-predictions", "save_dir", type=click.Path(file_okay=False), default=None,

@@ -22,6 +22,17 @@ CONNECTIVITIES = ("reference", "components")
 MODES = ("slide", "whole")
 
 # SFR pre-pass refinement (docs/method.md §5); fixed by the method, not a user setting.
+# The settings applied on the CPU between or after the graphs, which a run may change; every
+# other one is fixed in the exported graphs. The CLI's flags, the refusals and the summary's
+# echo are made from this list.
+RUNTIME_SETTINGS = ("connectivity", "prob_thd", "temp_thd")
+
+
+def flag(setting: str) -> str:
+    """'prob_thd' -> '--prob-thd'."""
+    return "--" + setting.replace("_", "-")
+
+
 PAMR_ITERATIONS = 10
 PAMR_DILATIONS = (8, 16)
 

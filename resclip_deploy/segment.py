@@ -19,11 +19,11 @@ from typing import Any, Callable, Optional
 from .errors import UserError
 from .io import (expand_inputs, image_summary, output_stems, read_image, write_json,
                  write_overlay, write_segmentation)
+from .params import RUNTIME_SETTINGS
 
 SUMMARY = "summary.json"
 # Settings echoed in the summary: the ones a run may change, and the ones that explain it.
-RUNTIME_ECHO = ("connectivity", "prob_thd", "temp_thd", "method", "rcs", "sfr", "mode",
-                "short_side")
+RUNTIME_ECHO = RUNTIME_SETTINGS + ("method", "rcs", "sfr", "mode", "short_side")
 
 
 @dataclass

@@ -20,7 +20,7 @@ import onnxruntime as ort
 from resclip_deploy.bundle import Bundle, read_bundle
 from resclip_deploy.errors import UserError
 from resclip_deploy.geometry import merge_matrices
-from resclip_deploy.params import ResCLIPParams
+from resclip_deploy.params import RUNTIME_SETTINGS, ResCLIPParams
 from resclip_deploy.pipeline import Prepared, SFRStep, Timings, finish, prepare, prepass_step
 from resclip_deploy.postprocess import Segmentation
 from resclip_deploy.sfr import connectivity_mask, masked_sfr_matrix, sfr_bias
@@ -44,8 +44,6 @@ OUTPUT_BAND_BYTES = 64 << 20
 # 16 MB took the labels-only output of 336x448, 150 classes, from 0.149 to 0.054 s (1080p:
 # 2.40 -> 0.86 s); on a GPU every band is one more run and sync.
 CPU_OUTPUT_BAND_BYTES = 16 << 20
-# Settings applied on CPU between or after the graphs; a run may change them.
-RUNTIME_SETTINGS = ("connectivity", "prob_thd", "temp_thd")
 
 
 @dataclass

@@ -130,3 +130,16 @@ def test_torch_free_modules_do_not_import_torch():
             "assert 'open_clip' not in sys.modules\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_runtime_settings_are_named_once():
+    """params.RUNTIME_SETTINGS makes the eval command's flags, the refusal's list and the
+    summary's echo."""
+    from resclip_deploy.cli import RUNTIME_OPTIONS, eval_main
+    from resclip_deploy.params import RUNTIME_SETTINGS, ResCLIPParams, flag
+    from resclip_deploy.segment import RUNTIME_ECHO
+    assert set(RUNTIME_OPTIONS) == set(RUNTIME_SETTINGS) <= set(ResCLIPParams.__dataclass_fields__)
+    flags = {opt for p in eval_main.params for opt in p.opts}
+    assert {flag(s) for s in RUNTIME_SETTINGS} == {"--connectivity", "--prob-thd", "--temp-thd"}
+    assert {flag(s) for s in RUNTIME_SETTINGS} <= flags
+    assert RUNTIME_ECHO[:len(RUNTIME_SETTINGS)] == RUNTIME_SETTINGS
