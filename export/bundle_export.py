@@ -25,8 +25,8 @@ import torch
 from onnx import external_data_helper, helper, numpy_helper
 
 from resclip_deploy import __version__
-from resclip_deploy.bundle import (FULL_PRECISION_GRAPHS, TEXT_BANK_FILE, GraphEntry, Manifest,
-                                   ModelFacts, Preprocess, TensorInfo, TextEncoderSpec,
+from resclip_deploy.bundle import (FULL_PRECISION_GRAPHS, OPSET, TEXT_BANK_FILE, GraphEntry,
+                                   Manifest, ModelFacts, Preprocess, TensorInfo, TextEncoderSpec,
                                    file_entries, graph_layout, read_bundle, write_manifest)
 from resclip_deploy.errors import UserError
 from resclip_deploy.io import current_umask, read_image
@@ -38,7 +38,7 @@ from resclip_deploy.vocab import Vocabulary
 
 from .clip_loader import LoadedCLIP
 from .model import ResCLIPVisual
-from .onnx_export import GRAPH_MODULES, OPSET, example_inputs, export_graph
+from .onnx_export import GRAPH_MODULES, example_inputs, export_graph
 from .reference import ReferenceSegmenter
 from .text import text_bank
 from .text_export import export_text_encoder, text_encoder_entry
@@ -342,7 +342,7 @@ def verify_bundle(folder: str, net: ResCLIPVisual, bank: np.ndarray, vocab: Voca
 
 def _compare_windows(runtime: Segmenter, reference: ReferenceSegmenter,
                      windows: np.ndarray) -> dict[str, Any]:
-    ref = reference.forward_windows(windows)
+    ref = reference.window_outputs(windows)
     logits, step = runtime.forward_windows(windows)
     entry = {"batch": int(windows.shape[0]), "size": list(windows.shape[2:]),
              "logits_max_abs_diff": float(np.abs(logits.reshape(ref.logits.shape)

@@ -13,9 +13,8 @@ import warnings
 import onnx
 import torch
 
-from resclip_deploy.bundle import read_bundle
+from resclip_deploy.bundle import OPSET, read_bundle
 
-from .onnx_export import OPSET
 
 
 def mlp_width(encoder_onnx: str, width: int) -> int:

@@ -13,11 +13,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from resclip_deploy.bundle import GraphIO
+from resclip_deploy.bundle import OPSET, GraphIO
 
 from .model import ResCLIPVisual
 
-OPSET = 18
 # Protobuf caps one file at 2 GB: bigger graphs (ViT-H and up) keep their weights in a .data file.
 EXTERNAL_DATA_BYTES = 1_500_000_000
 

@@ -75,7 +75,7 @@ class ReferenceSegmenter:
         return None if t is None else t.float().cpu().numpy()
 
     @torch.inference_mode()
-    def forward_windows(self, windows: np.ndarray) -> WindowOutputs:
+    def window_outputs(self, windows: np.ndarray) -> WindowOutputs:
         """(K, 3, h, w) normalised windows of one size -> :class:`WindowOutputs`."""
         x = torch.from_numpy(windows).to(self.device, self.dtype)
         gh, gw = x.shape[-2] // self.patch, x.shape[-1] // self.patch
@@ -97,7 +97,7 @@ class ReferenceSegmenter:
         """RGB uint8 (H0, W0, 3) -> Segmentation at (H0, W0)."""
         def run(windows: np.ndarray, times: Timings) -> np.ndarray:
             with times("network"):
-                logits = self.forward_windows(windows).logits
+                logits = self.window_outputs(windows).logits
             return logits.reshape(windows.shape[0], logits.shape[1], -1)
         return segment_image(rgb, self.params, self.patch, self.norm, self.vocab, run,
                              with_probs)

@@ -17,11 +17,11 @@ from open_clip.tokenizer import SimpleTokenizer
 from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
+from resclip_deploy.bundle import OPSET
 from resclip_deploy.errors import UserError
 from resclip_deploy.runtime.text import encode_prompts
 from resclip_deploy.textbank import prompts_for
 
-from .onnx_export import OPSET
 from .text import TEMPLATES, encode_text_prefix, tokenize, truncatable
 
 # open_clip's pre-tokenisation pattern without its two special tokens.

@@ -28,7 +28,7 @@ import numpy as np
 
 from .errors import UserError, cpus, needs_extra
 from .io import IMAGE_EXTENSIONS, decode_image, expand_inputs, output_stems, write_json
-from .segment import RUNTIME_ECHO, SUMMARY, SegmentOptions, segment_image
+from .segment import RUNTIME_ECHO, SUMMARY, SegmentOptions, segment_file
 
 DONE = "done.json"             # a finished video range's marker, written last
 
@@ -163,7 +163,7 @@ class SegmentActor(_Actor):
         results = []
         for data, key in zip(batch["bytes"], batch["path"]):
             path, stem = self.inputs[str(key)]
-            entry = segment_image(self.segmenter, path, stem, self.outdir, self.options,
+            entry = segment_file(self.segmenter, path, stem, self.outdir, self.options,
                                   lambda p, d=data: decode_image(bytes(d), f"image {p}"))
             results.append(json.dumps(entry if isinstance(entry, dict) else
                                       {"input": path, "error": entry}))

@@ -30,8 +30,8 @@ from .params import PAMR_ITERATIONS
 from .pipeline import prepare
 from .stages import parse_stages
 
-STAGES = ("preprocess", "encoder", "sfr", "head", "merge", "output")
-# Every stage as a GPU runs it (stages.STAGES' gpu column), on whatever device this is.
+TIMED_STAGES = ("preprocess", "encoder", "sfr", "head", "merge", "output")
+# Every stage as a GPU runs it (stages.TIMED_STAGES' gpu column), on whatever device this is.
 GPU_PLAN = {"all": "gpu"}
 
 
@@ -78,7 +78,7 @@ def time_runtime(segmenter: Any, rgb: np.ndarray, runs: int, warmup: int,
             alongside()
             other.append(time.perf_counter() - start)
     return {"total_s": statistics.median(totals),
-            "stages_s": {k: statistics.median(s.get(k, 0.0) for s in stages) for k in STAGES},
+            "stages_s": {k: statistics.median(s.get(k, 0.0) for s in stages) for k in TIMED_STAGES},
             # Critical path outside graph runs (decode/encode of files excluded: not timed here)
             "host_s": statistics.median(host),
             "graph_runs": io.runs, "bytes_to_device": io.to_device, "bytes_to_host": io.to_host,
@@ -434,7 +434,7 @@ def format_report(report: dict[str, Any]) -> str:
     ours = report["runtime"]
     rows = [("stage", "runtime s", *(("reference s",) if ref else ()))]
     ref_stages = ref["stages_s"] if ref else {}
-    for stage in STAGES:
+    for stage in TIMED_STAGES:
         ref_cell = f"{ref_stages[stage]:.3f}" if stage in ref_stages else ""
         rows.append((stage, f"{ours['stages_s'][stage]:.3f}", *((ref_cell,) if ref else ())))
     if "network" in ref_stages:     # the torch reference times its networks and SFR as one

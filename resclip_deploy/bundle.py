@@ -33,6 +33,9 @@ MANIFEST = "manifest.json"
 TEXT_BANK_FILE = "text_bank.npy"
 PRECISIONS = ("fp32", "fp16", "int8", "int8-static", "int8-weights")
 TEXT_BANKS = ("constant", "input")
+# The ONNX opset of every graph a bundle holds or the runtime builds (bundle, stage and fused
+# graphs, the text tower).
+OPSET = 18
 # The one resize rule of the method: keep the aspect ratio, bilinear on the uint8 image.
 RESIZE_RULES = ("keep-ratio-bilinear",)
 

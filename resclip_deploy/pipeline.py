@@ -148,7 +148,7 @@ def prepare(rgb: np.ndarray, params: ResCLIPParams, patch: int,
     return Prepared(crops, boxes, hw, rgb.shape[:2])
 
 
-def finish(prepared: Prepared, logits: np.ndarray, params: ResCLIPParams, patch: int,
+def output_numpy(prepared: Prepared, logits: np.ndarray, params: ResCLIPParams, patch: int,
            vocab: Vocabulary, with_probs: bool, times: Timings) -> Segmentation:
     """(K, Q, gh·gw) window logits -> Segmentation at the original size."""
     with times("merge"):
@@ -174,4 +174,4 @@ def segment_image(rgb: np.ndarray, params: ResCLIPParams, patch: int, norm: geom
     with times("preprocess"):
         prepared = prepare(rgb, params, patch, norm)
     logits = run_windows(prepared.windows, times)
-    return finish(prepared, logits, params, patch, vocab, with_probs, times)
+    return output_numpy(prepared, logits, params, patch, vocab, with_probs, times)

@@ -111,7 +111,7 @@ def segment_inputs(segmenter: Any, inputs: list[str], outdir: str,
     todo = [] if run.interrupted else list(zip(files, stems))
     reporter.images_started(len(todo))
     for path, stem in todo:
-        entry = segment_image(segmenter, path, stem, outdir, options)
+        entry = segment_file(segmenter, path, stem, outdir, options)
         if isinstance(entry, str):
             run.failed.append({"input": path, "error": entry})
             reporter.failed(path, entry)
@@ -126,7 +126,7 @@ def segment_inputs(segmenter: Any, inputs: list[str], outdir: str,
     return run
 
 
-def segment_image(segmenter: Any, path: str, stem: str, outdir: str,
+def segment_file(segmenter: Any, path: str, stem: str, outdir: str,
                   options: SegmentOptions, read: Callable[[str], Any] = read_image,
                   ) -> dict[str, Any] | str:
     """One image's outputs -> its summary entry, or the error message. ``read(path)`` gives

@@ -28,10 +28,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .geometry import PixelNorm
 from .pamr import OFFSETS, _WITH_CENTRE
+from .bundle import OPSET
 from .params import PAMR_DILATIONS, PAMR_ITERATIONS, ResCLIPParams
 from .sfr import torch_linspace01_f32
 
-OPSET = 18
 # IR 9 came with opset 18: readable by every ONNX Runtime and TensorRT parser that reads opset 18.
 IR_VERSION = 9
 F32, I64, BOOL, U8, I32 = (TensorProto.FLOAT, TensorProto.INT64, TensorProto.BOOL,

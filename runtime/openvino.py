@@ -29,7 +29,7 @@ import numpy as np
 from resclip_deploy.errors import UserError
 
 # --device value -> OpenVINO's inference precision on the CPU
-PRECISIONS = {"openvino": "f32", "openvino-bf16": "bf16"}
+OPENVINO_PRECISIONS = {"openvino": "f32", "openvino-bf16": "bf16"}
 # Channels per dynamic activation scale for int8-weight graphs. ViT-B/16 encoder, 6 windows,
 # this CPU: 32 (OpenVINO's default) 0.55 s, 128 0.43-0.45 s, 256 0.41-0.43 s, off 1.05 s;
 # labels equal to fp32 99.65 / 99.71 / 99.67 % (ADE20K, fixture photos): 128, for the margin.
@@ -77,7 +77,7 @@ class OpenVINOSession:
     def __init__(self, model: str | bytes, device: str, threads: Optional[int],
                  cache_dir: Optional[str] = None):
         core = _core()
-        precision = PRECISIONS[device]
+        precision = OPENVINO_PRECISIONS[device]
         if precision == "bf16" and not cpu_has_bf16():
             raise UserError("--device openvino-bf16: this CPU has no bf16 instructions "
                             "(AVX-512 BF16 or AMX); use --device openvino")

@@ -36,7 +36,7 @@ from resclip_deploy.bundle import Manifest, ModelFacts
 from resclip_deploy.errors import UserError
 from resclip_deploy.params import ResCLIPParams
 
-from .openvino import PRECISIONS as OPENVINO_PRECISIONS
+from .openvino import OPENVINO_PRECISIONS
 from .openvino import OpenVINOSession
 
 OPENVINO_DEVICES = tuple(OPENVINO_PRECISIONS)

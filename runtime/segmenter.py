@@ -21,7 +21,8 @@ from resclip_deploy.bundle import Bundle, read_bundle
 from resclip_deploy.errors import UserError
 from resclip_deploy.geometry import merge_matrices
 from resclip_deploy.params import RUNTIME_SETTINGS, ResCLIPParams
-from resclip_deploy.pipeline import Prepared, SFRStep, Timings, finish, prepare, prepass_step
+from resclip_deploy.pipeline import (Prepared, SFRStep, Timings, output_numpy, prepare,
+                                     prepass_step)
 from resclip_deploy.postprocess import Segmentation
 from resclip_deploy.sfr import connectivity_mask, masked_sfr_matrix, sfr_bias
 from resclip_deploy.stages import GRAPH, KERNEL, NUMPY, choose
@@ -323,7 +324,7 @@ class Segmenter:
         if self.plan["output"] == NUMPY or len(sizes) > 1:
             parts = np.split(self.host(logits), np.cumsum([len(i.windows) for i in items])[:-1])
             if self.plan["output"] == NUMPY:
-                return [finish(item, part, self.params, self.patch, self.vocab, with_probs,
+                return [output_numpy(item, part, self.params, self.patch, self.vocab, with_probs,
                                times) for item, part in zip(items, parts)]
             # one output graph run takes images of one size
             return [self.finish([item], part, with_probs, times)[0]

@@ -54,7 +54,7 @@ def test_window0_intermediates(case, fixture_clip):
     ref = load_case(case)
     seg = ReferenceSegmenter(fixture_clip.model.visual, ref["query_features"],
                              preset_vocabulary(case["preset"]), case_params(case))
-    out = seg.forward_windows(ref["crop0_input"])
+    out = seg.window_outputs(ref["crop0_input"])
     if case["rcs"]["on"]:
         np.testing.assert_allclose(out.rcs[0], ref["crop0_rcs_attn"], rtol=0, atol=1e-4)
     else:

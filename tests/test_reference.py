@@ -28,7 +28,7 @@ def segmenter(clip, ref, **changes):
 
 
 def window_logits(clip, ref, **changes):
-    return segmenter(clip, ref, **changes).forward_windows(ref["crop0_input"]).logits[0]
+    return segmenter(clip, ref, **changes).window_outputs(ref["crop0_input"]).logits[0]
 
 
 def test_each_switch_changes_the_output(fixture_clip, chelsea_case):
@@ -44,8 +44,8 @@ def test_each_switch_changes_the_output(fixture_clip, chelsea_case):
 
 def test_components_and_reference_differ_on_the_fixture_grid(fixture_clip, chelsea_case):
     _, ref = chelsea_case
-    a = segmenter(fixture_clip, ref).forward_windows(ref["crop0_input"])
-    b = segmenter(fixture_clip, ref, connectivity="components").forward_windows(
+    a = segmenter(fixture_clip, ref).window_outputs(ref["crop0_input"])
+    b = segmenter(fixture_clip, ref, connectivity="components").window_outputs(
         ref["crop0_input"])
     np.testing.assert_array_equal(a.patch_labels, b.patch_labels)
     assert np.abs(a.sfr_matrix - b.sfr_matrix).max() > 1e-3
@@ -59,9 +59,9 @@ def test_batch_of_two_equals_two_singles(method, fixture_clip, chelsea_case):
     x = geometry.preprocess(read_image(str(case_image(case))), 336, 2048, geometry.CLIP_PIXEL_NORM)
     boxes = geometry.window_boxes(*x.shape[1:], "slide", 224, 112)[[0, 5]]
     windows = geometry.crop_batch(x, boxes)
-    both = seg.forward_windows(windows)
+    both = seg.window_outputs(windows)
     for i in range(2):
-        one = seg.forward_windows(windows[i:i + 1])
+        one = seg.window_outputs(windows[i:i + 1])
         np.testing.assert_array_equal(both.patch_labels[i], one.patch_labels[0])
         np.testing.assert_allclose(both.logits[i], one.logits[0], rtol=0, atol=1e-5)
 
