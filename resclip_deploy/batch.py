@@ -345,7 +345,7 @@ def run_batch(bundle_dir: str, inputs: list[str], outdir: str, options: SegmentO
 def _batch_command() -> Any:
     import click
 
-    from .cli import EXIT_SOME_FAILED, _setup_logging, user_errors
+    from .cli import EXIT_SOME_FAILED, _setup_logging, device_option, user_errors
 
     @click.command("resclip-batch", context_settings={"help_option_names": ["-h", "--help"]})
     @click.argument("inputs", nargs=-1, required=True)
@@ -353,8 +353,7 @@ def _batch_command() -> Any:
                   help="The bundle resclip-export wrote (at the same path on every node).")
     @click.option("-o", "--output", "outdir", required=True, type=click.Path(file_okay=False),
                   help="Output folder (shared by every node): as resclip-segment writes it.")
-    @click.option("--device", default="auto", show_default=True,
-                  help="auto|cpu|cuda|tensorrt|openvino|openvino-bf16, on each actor.")
+    @device_option(", on each actor.")
     @click.option("--actors", type=click.IntRange(min=1), default=1, show_default=True,
                   help="Segmenter actors (each loads the bundle once).")
     @click.option("--cpus-per-actor", type=click.FloatRange(min=0.1), default=None,

@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 
 from . import geometry, pamr_cuda, stage_graphs
-from .cli import _setup_logging, run_command, user_errors
+from .cli import _setup_logging, device_option, run_command, user_errors
 from .errors import UserError
 from .io import read_image, write_json
 from .params import PAMR_ITERATIONS
@@ -515,8 +515,7 @@ def prepass_traffic_line(p: dict[str, Any]) -> str:
 @click.option("--size", default=None, help="Resize the image to HEIGHTxWIDTH first, e.g. 336x448.")
 @click.option("--runs", type=int, default=5, show_default=True)
 @click.option("--warmup", type=int, default=1, show_default=True)
-@click.option("--device", default="auto", show_default=True,
-              help="auto|cpu|cuda|tensorrt|openvino|openvino-bf16")
+@device_option()
 @click.option("--threads", type=int, default=None, help="CPU threads for ONNX Runtime.")
 @click.option("--reference/--no-reference", default=True, show_default=True,
               help="Also time the torch reference on the same image (subprocess).")

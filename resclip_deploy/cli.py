@@ -17,6 +17,7 @@ from .datasets import LAYOUTS as DATASETS
 from .errors import UserError, needs_extra
 from .params import (CONNECTIVITIES, CUSTOM, METHODS, MODES, PRESETS, RUNTIME_SETTINGS,
                      ResCLIPParams, flag, preset_params)
+from .runtime.devices import DEVICES
 from .stages import parse_stages
 from .vocab import Vocabulary, preset_vocabulary, resolve_vocabulary
 
@@ -56,6 +57,13 @@ def runtime_options(f: Callable) -> Callable:
         kind, text = RUNTIME_OPTIONS[setting]
         f = click.option(flag(setting), type=kind, default=None, help=text)(f)
     return f
+
+
+def device_option(after: str = ".") -> Callable:
+    """--device for the bundle's graphs: the runtime's devices (runtime/devices.py), then
+    ``after``."""
+    return click.option("--device", default="auto", show_default=True,
+                        help="|".join(DEVICES) + after)
 
 
 def method_options(f: Callable) -> Callable:
@@ -360,8 +368,7 @@ def _reference_segmenter(model_name: str, pretrained: Optional[str], vocab: Voca
 @click.option("--compare", "compare_dir", type=click.Path(file_okay=False), default=None,
               help="A second bundle run on the same images (e.g. fp32 vs int8): both mIoUs "
                    "and their pixel agreement.")
-@click.option("--device", default="auto", show_default=True,
-              help="auto|cpu|cuda|tensorrt|openvino|openvino-bf16.")
+@device_option()
 @click.option("--threads", type=int, default=None, help="CPU threads for ONNX Runtime.")
 @runtime_options
 @click.option("-o", "--output", "json_path", type=click.Path(dir_okay=False), default=None,

@@ -453,15 +453,14 @@ def check_exposure(host: str, token: Optional[str], insecure: bool) -> None:
 def _serve_command() -> Any:
     import click
 
-    from .cli import _setup_logging, user_errors
+    from .cli import _setup_logging, device_option, user_errors
 
     @click.command("resclip-serve", context_settings={"help_option_names": ["-h", "--help"]})
     @click.argument("bundle_dir", type=click.Path(file_okay=False))
     @click.option("--host", default="127.0.0.1", show_default=True,
                   help="Address to listen on (beyond loopback needs --token-file).")
     @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
-    @click.option("--device", default="auto", show_default=True,
-                  help="auto|cpu|cuda|tensorrt|openvino|openvino-bf16.")
+    @device_option()
     @click.option("--threads", type=int, default=None, help="CPU threads for the graphs.")
     @click.option("--token-file", type=click.Path(dir_okay=False), default=None,
                   help="A file holding the bearer token clients must send.")

@@ -28,8 +28,8 @@ import numpy as np
 
 from resclip_deploy.errors import UserError
 
-# --device value -> OpenVINO's inference precision on the CPU
-OPENVINO_PRECISIONS = {"openvino": "f32", "openvino-bf16": "bf16"}
+from .devices import OPENVINO_PRECISIONS
+
 # Channels per dynamic activation scale for int8-weight graphs. ViT-B/16 encoder, 6 windows,
 # this CPU: 32 (OpenVINO's default) 0.55 s, 128 0.43-0.45 s, 256 0.41-0.43 s, off 1.05 s;
 # labels equal to fp32 99.65 / 99.71 / 99.67 % (ADE20K, fixture photos): 128, for the margin.

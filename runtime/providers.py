@@ -36,14 +36,11 @@ from resclip_deploy.bundle import Manifest, ModelFacts
 from resclip_deploy.errors import UserError
 from resclip_deploy.params import ResCLIPParams
 
-from .openvino import OPENVINO_PRECISIONS
+from .devices import DEVICES, OPENVINO_DEVICES
 from .openvino import OpenVINOSession
-
-OPENVINO_DEVICES = tuple(OPENVINO_PRECISIONS)
 
 log = logging.getLogger("resclip_deploy")
 
-DEVICES = ("auto", "cpu", "cuda", "tensorrt", *OPENVINO_DEVICES)
 TRT, CUDA, CPU = "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"
 PROVIDER_CHAINS = {"tensorrt": [TRT, CUDA, CPU], "cuda": [CUDA, CPU], "cpu": [CPU]}
 _GPU_LIBRARIES = {TRT: "TensorRT (libnvinfer) with CUDA and cuDNN",
