@@ -3,17 +3,15 @@
 Each iteration sets every pixel's mask to the affinity-weighted sum of its 16 neighbours, the same
 weights for every query. That is one sparse (HW x HW) matrix with 16 entries per row applied to a
 (HW, Q) matrix: :func:`pamr` runs it with scipy as one fused pass per iteration (no (Q, 16, H, W)
-tensors, which made the reference spend 96 % of its time here). :func:`refined_scores` (the
-pre-pass from the patch logits to softmax's exponent) runs the same sums, bit for bit, through
-the compiled kernel of pamr_kernel.py (numba), and falls back to scipy where numba cannot be
-imported.
+tensors, which made the reference spend 96 % of its time here). The compiled kernel of
+pamr_kernel.py (numba) runs the same sums, bit for bit; prepass.py chooses between them.
 """
 
 from __future__ import annotations
 
 import functools
 from concurrent.futures import Executor
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import scipy.sparse as sp
@@ -127,38 +125,3 @@ def upsampled_block(grid: np.ndarray, first: int, hw: tuple[int, int]) -> np.nda
     if part.shape[2] < QUERY_BLOCK:
         part = np.pad(part, ((0, 0), (0, 0), (0, QUERY_BLOCK - part.shape[2])))
     return resize_bilinear_hwc(part, hw).reshape(hw[0] * hw[1], QUERY_BLOCK)
-
-
-def compiled_kernel() -> Any:
-    """The pamr_kernel module, or None where numba cannot be imported."""
-    try:
-        from . import pamr_kernel
-    except ImportError:
-        return None
-    return pamr_kernel
-
-
-def refined_scores(grid: np.ndarray, image: np.ndarray, dilations: tuple[int, ...],
-                   iterations: int, scale: float, pool: Optional[Executor] = None,
-                   tasks: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """(gh, gw, Q) float32 logits guided by the (3, h, w) image -> (h·w,) int64 argmax query
-    and (h·w, Q) float32 scores: the logits upsampled bilinearly to (h, w), refined by PAMR,
-    times ``scale``, minus each pixel's maximum (softmax's exponent, all ≤ 0).
-
-    The compiled kernel (pamr_kernel) computes it; scipy's :func:`pamr` gives the same numbers
-    where numba is missing. ``tasks``: parallel tasks on ``pool``.
-    """
-    h, w = image.shape[1:]
-    aff = affinities(image, dilations)
-    kernel = compiled_kernel()
-    if kernel is not None and tuple(dilations) == kernel.DILATIONS:
-        z = kernel.scaled_refinement(grid, aff, iterations, scale, pool, tasks)
-    else:
-        q = grid.shape[2]
-        up = np.concatenate([upsampled_block(grid, b, (h, w))
-                             for b in range(0, q, QUERY_BLOCK)], axis=1)[:, :q]
-        z = pamr(np.ascontiguousarray(up), as_matrix(aff, dilations), iterations, pool, tasks)
-        z *= np.float32(scale)
-    best = z.argmax(axis=1)
-    z -= np.take_along_axis(z, best[:, None], axis=1)
-    return best, z

@@ -1,6 +1,6 @@
 """The SFR pre-pass's refinement as a compiled kernel (numba): bilinear upsampling into a layout
 of its own, PAMR's iterations, and softmax's exponent; the same sums in the same order as
-:func:`pamr.refined_scores`' scipy path, so the results are bit-identical; on one 224 x 224
+:func:`prepass.refined_scores`' scipy path, so the results are bit-identical; on one 224 x 224
 window with 150 queries that path takes 0.43x scipy's time on one core, 0.31x on two.
 
 Why a layout of its own. Every neighbour of a pixel lies 8 or 16 pixels away in each axis, so
@@ -35,7 +35,7 @@ LANES = QUERY_BLOCK  # queries per block: one vector of the kernel
 HALO = 2            # cells of padding around each residue sub-grid (dilation 16 = 2 cells)
 STEP = 8            # the smaller dilation: residues are taken mod 8
 CELLS = 4           # output cells per kernel step (8 spills registers: 25 % slower)
-DILATIONS = (8, 16)  # what the kernel is built for (PAMR's); pamr.refined_scores checks
+DILATIONS = (8, 16)  # what the kernel is built for (PAMR's); prepass.refined_scores checks
 # Each neighbour as (sub-grid rows, cells) away: a compile-time constant of the kernel, so that
 # the cells of one step share the vectors they read.
 NEIGHBOURS = tuple((dy * d // STEP, dx * d // STEP) for d in DILATIONS for dy, dx in OFFSETS)
@@ -190,7 +190,7 @@ def _weights(affinities, real_pixel):
 def scaled_refinement(grid: np.ndarray, affinities: np.ndarray, iterations: int, scale: float,
                       pool: Optional[Executor] = None, tasks: int = 1) -> np.ndarray:
     """(gh, gw, Q) float32 logits, (K, h, w) float32 neighbour affinities of DILATIONS ->
-    (h·w, Q) float32 scale · PAMR(bilinear(logits)), for :func:`pamr.refined_scores`.
+    (h·w, Q) float32 scale · PAMR(bilinear(logits)), for :func:`prepass.refined_scores`.
 
     With a ``pool``, the work runs as ``tasks`` parallel tasks: blocks of 16 queries (each is
     upsampled and does every iteration, so there is no join between them), then pixels.

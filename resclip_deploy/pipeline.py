@@ -16,7 +16,7 @@ import numpy as np
 
 from . import geometry, sfr
 from .errors import cpus
-from .pamr import refined_scores
+from .prepass import refined_scores
 from .params import PAMR_DILATIONS, PAMR_ITERATIONS, ResCLIPParams
 from .postprocess import Segmentation, finalize
 from .vocab import Vocabulary

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from resclip_deploy import pamr_kernel
-from resclip_deploy import pamr
-from resclip_deploy.pamr import refined_scores
+from resclip_deploy import prepass
+from resclip_deploy.prepass import refined_scores
 
 DILATIONS = (8, 16)
 
@@ -27,7 +27,7 @@ def case(h, w, q, seed=0):
 
 def scipy_scores(grid, image, dilations, iterations, scale, monkeypatch):
     with monkeypatch.context() as m:
-        m.setattr(pamr, "compiled_kernel", lambda: None)
+        m.setattr(prepass, "compiled_kernel", lambda: None)
         return refined_scores(grid, image, dilations, iterations, scale)
 
 
@@ -80,11 +80,11 @@ def test_layout_covers_every_pixel_once():
 
 def test_without_numba_scipy_runs():
     code = ("import sys; sys.modules['numba'] = None\n"
-            "from resclip_deploy import pamr\n"
-            "assert pamr.compiled_kernel() is None\n"
+            "from resclip_deploy import prepass\n"
+            "assert prepass.compiled_kernel() is None\n"
             "assert 'resclip_deploy.pamr_kernel' not in sys.modules\n"
             "import numpy as np\n"
-            "best, z = pamr.refined_scores(np.ones((2, 2, 3), np.float32), "
+            "best, z = prepass.refined_scores(np.ones((2, 2, 3), np.float32), "
             "np.zeros((3, 32, 32), np.float32), (8, 16), 10, 40.0)\n"
             "assert best.shape == (1024,) and (z == 0).all()\n")
     subprocess.run([sys.executable, "-c", code], check=True)
