@@ -159,7 +159,7 @@ def _setup_logging(quiet: bool) -> None:
 @click.option("--threads", type=int, default=None, help="CPU threads for ONNX Runtime.")
 @click.option("--stages", "stages_text", default=None,
               help="--bundle: stage implementations over the device's choice, e.g. "
-                   "prepass=graph or all=numpy (see README: Stages on the device).")
+                   "prepass=graph or all=numpy (see docs/architecture.md: Stages on the device).")
 @click.option("--frame-stride", type=int, default=1, show_default=True,
               help="Video: segment every Nth frame (the output video has fps/N).")
 @click.option("--max-frames", type=int, default=None, help="Video: stop after N frames.")
@@ -169,7 +169,7 @@ def _setup_logging(quiet: bool) -> None:
               help="Video: also write <stem>_labels.npz, one label map per frame.")
 @click.option("--smooth", type=float, default=None,
               help="Video: temporal smoothing of class probabilities, weight of the past in "
-                   "[0, 1) (off by default; see README).")
+                   "[0, 1) (off by default; see docs/segment.md: Video).")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
 @user_errors
 def segment_main(inputs: tuple[str, ...], outdir: str, bundle_dir: Optional[str],

@@ -31,7 +31,7 @@ import onnxruntime as ort
 from resclip_deploy.params import PAMR_DILATIONS, PAMR_ITERATIONS
 from resclip_deploy.stages import KERNEL
 
-# What a GPU host installs for the kernels (README, "GPU hosts").
+# What a GPU host installs for the kernels (docs/segment.md, "GPU hosts").
 INSTALL = "pip install 'resclip-deploy[gpu]' (CUDA 13) or 'resclip-deploy[gpu-cu12]' (CUDA 12)"
 Array = Union[np.ndarray, ort.OrtValue]
 
