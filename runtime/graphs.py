@@ -24,9 +24,9 @@ from .providers import ProfiledSessions, memory_of
 @dataclass
 class IOStats:
     """What the graph runs cost outside compute: seconds inside ONNX Runtime (and the pre-pass
-    kernels), and the bytes that
-    cross between host and device in the GPU configuration (on a CPU session, what would cross
-    there: inputs and fetched outputs, not what a GPU keeps between graphs)."""
+    kernels), and the bytes that cross between host and device in the GPU configuration (on a
+    CPU session, what would cross there: inputs and fetched outputs, not what a GPU keeps
+    between graphs)."""
 
     graph_s: float = 0.0
     to_device: int = 0
@@ -50,7 +50,7 @@ class GraphRunner:
         self._text_device: Any = None
 
     def run(self, graph: str, feeds: dict[str, Any],
-                  keep_on_device: tuple[str, ...] = ()) -> dict[str, Any]:
+            keep_on_device: tuple[str, ...] = ()) -> dict[str, Any]:
         """Run one graph (I/O binding on ONNX Runtime); feeds it does not take are dropped, the
         text bank added. Outputs are numpy arrays, except those named in ``keep_on_device``,
         which stay on the GPU as OrtValues (for the next graph) when the session runs on one.
@@ -139,8 +139,7 @@ class GraphRunner:
         self.count(to_host=array.nbytes)
         return array
 
+
 def _shape(value: Any) -> tuple[int, ...]:
     """A feed's shape: numpy's attribute, an OrtValue's method."""
     return tuple(value.shape() if isinstance(value, ort.OrtValue) else np.shape(value))
-
-
