@@ -28,6 +28,7 @@ from typing import Any, Optional, Union
 import numpy as np
 import onnxruntime as ort
 
+from resclip_deploy import pamr_cuda
 from resclip_deploy.params import PAMR_DILATIONS, PAMR_ITERATIONS
 from resclip_deploy.stages import KERNEL
 
@@ -111,8 +112,6 @@ class KernelPrepass:
     the device, as the pre-pass graph gives them. One run at a time (its scratch is shared)."""
 
     def __init__(self, logit_scale: float, patch: int, half: bool, memory: str):
-        from resclip_deploy import pamr_cuda
-        self._pamr = pamr_cuda
         self.scale, self.patch, self.half, self.memory = logit_scale, patch, half, memory
         self._cuda, _ = _numba_cuda()
         self._kernels = pamr_cuda.kernels(PAMR_DILATIONS, patch)
@@ -134,13 +133,13 @@ class KernelPrepass:
         k, q = _shape(logits)[:2]
         h, w = _shape(windows)[2:]
         grid_hw = (h // self.patch, w // self.patch)
-        plan = self._pamr.Plan(k, q, (h, w), grid_hw, PAMR_ITERATIONS, self.patch, self.half)
+        plan = pamr_cuda.Plan(k, q, (h, w), grid_hw, PAMR_ITERATIONS, self.patch, self.half)
         with self._lock:
             out = self._outputs(k, h, w, grid_hw)
             if self._stream is None:
                 self._stream = self._cuda.stream()
             scratch, tables = self._buffers(plan)
-            self._pamr.run(self._kernels, plan, view(logits, (k, q) + grid_hw),
+            pamr_cuda.run(self._kernels, plan, view(logits, (k, q) + grid_hw),
                            view(windows), tuple(view(o) for o in out), scratch, tables,
                            self.scale, temp_thd, self._stream)
             self._stream.synchronize()
@@ -161,7 +160,7 @@ class KernelPrepass:
             self._scratch.clear()
             k, q, (h, w) = plan.windows, plan.queries, plan.hw
             shapes = [(k, plan.neighbours, h, w)] + [(k, q, h, w)] * plan.mask_buffers
-            (ry, wy), (rx, wx) = (self._pamr.bilinear_tables(g, s)
+            (ry, wy), (rx, wx) = (pamr_cuda.bilinear_tables(g, s)
                                   for g, s in zip(plan.grid_hw, plan.hw))
             scratch = tuple(self._cuda.device_array(s, plan.dtype, stream=self._stream)
                             for s in shapes)
