@@ -59,7 +59,8 @@ class ReferenceSegmenter:
                              f"{len(vocab.queries)} queries")
         self.net = ResCLIPVisual(visual, params).to(device=device, dtype=dtype).eval()
         self.device, self.dtype = torch.device(device), dtype
-        self.text = torch.from_numpy(text_features).to(self.device, dtype)
+        # a copy: the caller's array may be read-only (a memory-mapped bank) or change later
+        self.text = torch.tensor(text_features, device=self.device, dtype=dtype)
         self.vocab, self.params = vocab, params
         self.patch, self.rcs_blocks, self.norm = self.net.patch, self.net.rcs_blocks, self.net.norm
 
@@ -77,7 +78,7 @@ class ReferenceSegmenter:
     @torch.inference_mode()
     def window_outputs(self, windows: np.ndarray) -> WindowOutputs:
         """(K, 3, h, w) normalised windows of one size -> :class:`WindowOutputs`."""
-        x = torch.from_numpy(windows).to(self.device, self.dtype)
+        x = torch.tensor(windows, device=self.device, dtype=self.dtype)     # may be read-only
         gh, gw = x.shape[-2] // self.patch, x.shape[-1] // self.patch
         tokens, rcs = self.net.encode(x)
         window = self.net.window(x)

@@ -1,3 +1,4 @@
+import functools
 import json
 import os
 from pathlib import Path
@@ -19,9 +20,43 @@ def case_by_name(name):
     return next(c for c in CASES if c["name"] == name)
 
 
+@functools.lru_cache(maxsize=None)
+def _case_arrays(file):
+    with np.load(PARITY / file, allow_pickle=False) as d:
+        arrays = {k: d[k] for k in d.files}
+    for array in arrays.values():
+        array.setflags(write=False)
+    return arrays
+
+
 def load_case(case):
-    with np.load(PARITY / case["file"]) as d:
-        return {k: d[k] for k in d.files}
+    """A fixture case's arrays by name, read once per session; read-only (copy to change one)."""
+    return dict(_case_arrays(case["file"]))
+
+
+def case_settings(case):
+    """The settings a fixture case was made with, as ResCLIPParams fields (the preset's for the
+    rest): the one case -> settings mapping of the tests."""
+    return {"method": case["base_attention"], "rcs": case["rcs"]["on"], "sfr": case["sfr"]["on"],
+            "mode": case["mode"]["type"], "connectivity": "reference",
+            "short_side": case["short_side"]}
+
+
+def case_params(case):
+    from resclip_deploy.params import PRESETS
+    return PRESETS[case["preset"]][0].replace(**case_settings(case))
+
+
+def case_flags(case):
+    """:func:`case_settings` as command-line flags (--preset and the model not included)."""
+    from resclip_deploy.params import flag
+    out = []
+    for name, value in case_settings(case).items():
+        if isinstance(value, bool):
+            out.append(f"--{name}" if value else f"--no-{name}")
+        else:
+            out += [flag(name), str(value)]
+    return out
 
 
 def segment_many_counting_runs(seg, images):
@@ -80,11 +115,7 @@ _BUNDLES = {}
 
 def export_args(case, out):
     return ["--model", "auto", "--pretrained", str(WEIGHTS), "--preset", case["preset"],
-            "--method", case["base_attention"],
-            "--rcs" if case["rcs"]["on"] else "--no-rcs",
-            "--sfr" if case["sfr"]["on"] else "--no-sfr",
-            "--mode", case["mode"]["type"], "--connectivity", "reference",
-            "--short-side", str(case["short_side"]), "-o", str(out), "-q"]
+            *case_flags(case), "-o", str(out), "-q"]
 
 
 @pytest.fixture(scope="session")

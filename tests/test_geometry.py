@@ -5,26 +5,21 @@ Parity cases come from tests/fixtures/parity (reference outputs of the official 
 
 from __future__ import annotations
 
-import json
 from functools import lru_cache
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
+from conftest import CASES, PARITY, load_case
 from resclip_deploy import geometry, postprocess
 
-PARITY = Path(__file__).parent / "fixtures" / "parity"
-CASES = json.loads((PARITY / "cases.json").read_text())["cases"]
 CASE_BY_NAME = {c["name"]: c for c in CASES}
 CASE_NAMES = [c["name"] for c in CASES]
 
 
-@lru_cache(maxsize=None)
 def _npz(name: str, key: str) -> np.ndarray:
-    with np.load(PARITY / CASE_BY_NAME[name]["file"], allow_pickle=False) as z:
-        return z[key]
+    return load_case(CASE_BY_NAME[name])[key]
 
 
 @lru_cache(maxsize=None)

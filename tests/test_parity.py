@@ -7,26 +7,15 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import CASES, WEIGHTS, case_image, load_case
+from conftest import CASES, WEIGHTS, case_flags, case_image, case_params, load_case
 from resclip_deploy.cli import segment_main
-from resclip_deploy.params import PRESETS
 from resclip_deploy.vocab import preset_vocabulary
-
-
-def case_params(case):
-    return PRESETS[case["preset"]][0].replace(
-        method=case["base_attention"], rcs=case["rcs"]["on"], sfr=case["sfr"]["on"],
-        mode=case["mode"]["type"], connectivity="reference", short_side=case["short_side"])
 
 
 def cli_args(case, outdir):
     return [str(case_image(case)), "-o", str(outdir), "--reference", "--model", "auto",
-            "--pretrained", str(WEIGHTS), "--preset", case["preset"],
-            "--method", case["base_attention"],
-            "--rcs" if case["rcs"]["on"] else "--no-rcs",
-            "--sfr" if case["sfr"]["on"] else "--no-sfr",
-            "--mode", case["mode"]["type"], "--connectivity", "reference",
-            "--short-side", str(case["short_side"]), "--save-probs", "-q"]
+            "--pretrained", str(WEIGHTS), "--preset", case["preset"], *case_flags(case),
+            "--save-probs", "-q"]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])

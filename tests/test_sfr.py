@@ -7,19 +7,15 @@ Independent checks use scipy.ndimage.label, plain-Python brute force, and torch 
 
 from __future__ import annotations
 
-import json
 from collections import Counter
-from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy import ndimage
 
+from conftest import CASES, load_case
 from resclip_deploy import sfr
 
-PARITY = Path(__file__).parent / "fixtures" / "parity"
-CASES = json.loads((PARITY / "cases.json").read_text())["cases"]
 CASE_BY_NAME = {c["name"]: c for c in CASES}
 
 SFR_KEYS = ("crop0_temp_argmax", "crop0_temp_maxprob", "crop0_sfr_patch_labels",
@@ -30,11 +26,8 @@ def _cases_with(*keys: str) -> list[str]:
     return [c["name"] for c in CASES if all(k in c["keys"] for k in keys)]
 
 
-@lru_cache(maxsize=None)
 def _npz(name: str) -> dict[str, np.ndarray]:
-    case = CASE_BY_NAME[name]
-    with np.load(PARITY / case["file"], allow_pickle=False) as z:
-        return {k: z[k] for k in z.files if k in SFR_KEYS}
+    return {k: v for k, v in load_case(CASE_BY_NAME[name]).items() if k in SFR_KEYS}
 
 
 def test_fixture_cases_present():
