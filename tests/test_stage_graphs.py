@@ -162,7 +162,7 @@ def test_output_graph_equals_numpy(mode, input_hw, out_hw, q2c):
                                  out_hw)
     names = tuple(f"c{i}" for i in range(max(q2c) + 1))
     vocab = type("V", (), {"query_to_class": q2c, "class_names": names})
-    want = pipeline.finish(prepared, logits, p, 16, vocab, True, pipeline.Timings())
+    want = pipeline.output_numpy(prepared, logits, p, 16, vocab, True, pipeline.Timings())
     rows, cols = geometry.merge_matrices(boxes, input_hw, out_hw, (gh, gw))
     graph = session(stage_graphs.output_graph(q2c, p.logit_scale))
     labels, probs = graph.run(None, {"logits": logits, "rows": rows, "cols": cols,
@@ -183,7 +183,7 @@ def test_output_graph_equals_numpy(mode, input_hw, out_hw, q2c):
     only, = thd_only.run(None, {"logits": logits, "rows": rows, "cols": cols,
                                 "prob_thd": np.array(p.prob_thd, np.float32)})
     np.testing.assert_array_equal(only, labels)
-    plain = pipeline.finish(prepared, logits, p.replace(prob_thd=0.0), 16, vocab, False,
+    plain = pipeline.output_numpy(prepared, logits, p.replace(prob_thd=0.0), 16, vocab, False,
                             pipeline.Timings())
     no_thd = session(stage_graphs.output_graph(q2c, p.logit_scale, probs=False, threshold=False))
     bare, = no_thd.run(None, {"logits": logits, "rows": rows, "cols": cols})
@@ -269,9 +269,9 @@ def test_output_labels_take_the_first_of_equal_classes(variant, dtype):
     prepared = pipeline.Prepared(np.zeros((len(boxes), 3, 224, 224), np.float32), boxes,
                                  (336, 448), (300, 400))
     vocab = type("V", (), {"query_to_class": q2c, "class_names": ("a", "b", "c", "d")})
-    scored = pipeline.finish(prepared, logits, p, 16, vocab, True, pipeline.Timings())
+    scored = pipeline.output_numpy(prepared, logits, p, 16, vocab, True, pipeline.Timings())
     assert ((scored.labels == 1) & (scored.probs[1] == scored.probs[2])).mean() > 0.05
-    want = scored.labels if variant == "probs" else pipeline.finish(
+    want = scored.labels if variant == "probs" else pipeline.output_numpy(
         prepared, logits, p, 16, vocab, False, pipeline.Timings()).labels
     assert not (want == 2).any()
     rows, cols = geometry.merge_matrices(boxes, (336, 448), (300, 400), (14, 14))
